@@ -1,0 +1,103 @@
+"""Config checks at the edge, durations, and the resolved config saved in the workdir.
+
+Everything here runs before any data is read or anything compiles, so a bad value
+fails in a second with a message that names the key and the fix.
+"""
+
+import json
+import math
+
+import ml_collections
+
+from jaxad.errors import CheckpointError, ConfigError
+
+SOURCES = ("tfds", "folder", "csv", "npz", "digits", "synthetic")
+# Keys whose change makes an existing checkpoint unusable (parameter shapes, data shapes).
+ARCHITECTURE_KEYS = ("model", "data.image_size", "data.depth", "data.channels")
+
+
+def _choice(value, valid, key):
+  if value not in valid:
+    raise ConfigError(f"{key}={value!r} is not one of {list(valid)}: "
+                      f"set --config.{key} to one of them")
+
+
+def _positive(value, key):
+  if not value > 0:
+    raise ConfigError(f"{key}={value!r} must be > 0: set --config.{key}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for any value that cannot work, naming the key and the fix."""
+  d, m, t = config.data, config.model, config.train
+  _choice(d.source, SOURCES, "data.source")
+  if d.source == "tfds" and not d.name:
+    raise ConfigError("data.source='tfds' needs data.name (e.g. --config.data.name=mnist)")
+  if d.source in ("folder", "csv", "npz") and not d.path:
+    raise ConfigError(f"data.source={d.source!r} needs data.path (the "
+                      f"{ {'folder': 'image folder root', 'csv': 'CSV file', 'npz': '.npz file'}[d.source]})")
+  if bool(tuple(d.normal_classes)) == bool(tuple(d.anomalous_classes)):
+    raise ConfigError("set exactly one of data.normal_classes and data.anomalous_classes "
+                      f"(got {tuple(d.normal_classes)!r} and {tuple(d.anomalous_classes)!r})")
+  _choice(d.channels, (1, 3), "data.channels")
+  _choice(d.intensity, ("fixed", "minmax"), "data.intensity")
+  if tuple(d.intensity_range):
+    if len(d.intensity_range) != 2 or not d.intensity_range[1] > d.intensity_range[0]:
+      raise ConfigError(f"data.intensity_range={tuple(d.intensity_range)!r} must be "
+                        "(lo, hi) with lo < hi, or () for the dtype's range")
+  _positive(d.image_size, "data.image_size")
+  if not 0.0 <= d.val_fraction < 1.0:
+    raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+  _choice(m.family, ("vae",), "model.family")
+  _choice(m.likelihood, ("gaussian", "bernoulli"), "model.likelihood")
+  _positive(m.beta, "model.beta")
+  _positive(m.latent_dim, "model.latent_dim")
+  _positive(t.batch_size, "train.batch_size")
+  _positive(t.learning_rate, "train.learning_rate")
+  _positive(t.checkpoint_every_steps, "train.checkpoint_every_steps")
+  _positive(t.log_every_steps, "train.log_every_steps")
+  if t.num_steps <= 0:
+    _positive(t.num_epochs, "train.num_epochs")
+  if not 0.0 < t.plateau_factor < 1.0:
+    raise ConfigError(f"train.plateau_factor={t.plateau_factor} must be in (0, 1)")
+  for key in ("plateau_patience", "early_stop_patience"):
+    if t[key] < 0:
+      raise ConfigError(f"train.{key}={t[key]} must be >= 0 (0 turns it off)")
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The one place durations resolve: train.num_steps if set, else epochs × steps/epoch."""
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  return int(math.ceil(config.train.num_epochs * steps_per_epoch))
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-safe dict (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def _lookup(tree: dict, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def _diff(a, b, prefix: str) -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [k for key in sorted(set(a) | set(b))
+            for k in _diff(a.get(key), b.get(key), f"{prefix}.{key}")]
+  return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir whose checkpoint was made for other shapes."""
+  now = to_dict(config)
+  diffs = [d for key in ARCHITECTURE_KEYS
+           for d in _diff(_lookup(saved, key), _lookup(now, key), key)]
+  if diffs:
+    raise CheckpointError(
+        f"the checkpoint in {workdir} was trained with a different model or image shape ("
+        + "; ".join(diffs) + "): use a new --workdir, or the workdir's config.json")

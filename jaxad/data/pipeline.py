@@ -1,0 +1,246 @@
+"""The tf.data pipeline: source indices → decode → channels → resize → [-1, 1] → batches.
+
+Order is decided in NumPy on example indices, not by a tf.data shuffle buffer: epoch
+`e` is the permutation `default_rng([seed, e])` of the normal training indices, cut into
+global batches, and each process reads only its contiguous slice of every global batch.
+So the global batch at step `s` is the same on 1 process or 64, and resuming at step
+`s` costs nothing (slice the index array). Pixels are read by `Source.read` inside
+`tf.numpy_function` and preprocessed in the TF graph, in parallel, deterministically.
+
+Evaluation batches cover a split exactly once, in order: the last batch is padded and
+every example carries `index` (into the source, for its id) and `valid` (0 on padding).
+"""
+
+import dataclasses
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from jaxad.data import sources
+from jaxad.errors import ConfigError, DataError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A source split and the labels that count as normal in it."""
+  source: sources.Source
+  normal_labels: np.ndarray  # int labels of the normal classes
+
+  @property
+  def normal_indices(self) -> np.ndarray:
+    return np.flatnonzero(np.isin(self.source.labels, self.normal_labels))
+
+  @property
+  def anomalous(self) -> np.ndarray:
+    """1 for every example of a non-normal class, else 0."""
+    return (~np.isin(self.source.labels, self.normal_labels)).astype(np.int32)
+
+
+def normal_labels(source: sources.Source, data: ml_collections.ConfigDict) -> np.ndarray:
+  """Resolves data.normal_classes / data.anomalous_classes to normal label ints."""
+  normal, anomalous = tuple(data.normal_classes), tuple(data.anomalous_classes)
+  if bool(normal) == bool(anomalous):
+    raise ConfigError(
+        "set exactly one of data.normal_classes and data.anomalous_classes "
+        f"(got {normal!r} and {anomalous!r}); classes of {source.name}: "
+        f"{list(source.class_names)}")
+  if normal:
+    return np.unique(sources.resolve_classes(source, normal))
+  all_labels = np.arange(len(source.class_names))
+  return np.setdiff1d(all_labels, sources.resolve_classes(source, anomalous))
+
+
+def load_split(data: ml_collections.ConfigDict, role: str) -> Split | None:
+  """Reads split `role` ('train', 'val' or 'test'); None if there is no val split."""
+  source = sources.get_source(data, role)
+  if source is None:
+    return None
+  split = Split(source, normal_labels(source, data))
+  if role != "test" and len(split.normal_indices) == 0:
+    present = sorted({source.class_names[i] for i in np.unique(source.labels)})
+    raise DataError(
+        f"the {role} split of {source.name} has no image of the normal classes "
+        f"{[source.class_names[i] for i in split.normal_labels]} (classes present: "
+        f"{present}): check data.normal_classes / data.anomalous_classes")
+  return split
+
+
+def output_shape(data: ml_collections.ConfigDict, spatial_ndim: int) -> tuple[int, ...]:
+  """The shape of one preprocessed image: (H, W, C) or (D, H, W, C)."""
+  size = data.image_size
+  if spatial_ndim == 3:
+    return (data.depth or size, size, size, data.channels)
+  return (size, size, data.channels)
+
+
+def _intensity_bounds(data, dtype: np.dtype) -> tuple[float, float]:
+  """The intensity window mapped to [-1, 1]: the config's, else the dtype's range."""
+  if tuple(data.intensity_range):
+    lo, hi = data.intensity_range
+    return float(lo), float(hi)
+  if np.issubdtype(dtype, np.integer):
+    info = np.iinfo(dtype)
+    return float(info.min), float(info.max)
+  return 0.0, 1.0
+
+
+def _to_unit(image: np.ndarray, data) -> np.ndarray:
+  """One image in its stored dtype → float32 in [0, 1], as data.intensity says."""
+  x = image.astype(np.float32)
+  if data.intensity == "minmax":
+    lo, hi = float(x.min()), float(x.max())
+  else:
+    lo, hi = _intensity_bounds(data, image.dtype)
+  return np.clip((x - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """Grayscale ↔ RGB conversion (ITU-R 601 luma for RGB → gray)."""
+  have = image.shape[-1]
+  if have == channels:
+    return image
+  if channels == 3 and have == 1:
+    return np.repeat(image, 3, axis=-1)
+  if channels == 1 and have == 3:
+    return image @ np.array([[0.2989], [0.5870], [0.1140]], np.float32)
+  raise DataError(f"cannot convert {have}-channel images to data.channels={channels}: "
+                  "set data.channels to 1 or 3")
+
+
+def _resize(x: tf.Tensor, shape: tuple[int, ...], method: str) -> tf.Tensor:
+  """Resizes the spatial axes of one (H, W, C) or (D, H, W, C) tensor to `shape`."""
+  if len(shape) == 3:
+    return tf.image.resize(x, shape[:2], method=method, antialias=method != "nearest")
+  # Volumes: resize H×W per slice, then D×H per column (separable bilinear/nearest).
+  d, h, w = shape[:3]
+  x = tf.image.resize(x, (h, w), method=method)
+  x = tf.transpose(tf.image.resize(tf.transpose(x, (2, 0, 1, 3)), (d, h), method=method),
+                   (1, 2, 0, 3))
+  return x
+
+
+class _Preprocess:
+  """Maps an example index to a dict of preprocessed tensors (one tf.data map fn)."""
+
+  def __init__(self, split: Split, data: ml_collections.ConfigDict):
+    self.split, self.data = split, data
+    self.shape = output_shape(data, split.source.spatial_ndim)
+    self.labels = split.source.labels.astype(np.int32)
+    self.anomalous = split.anomalous
+
+  def _read(self, index):
+    image, mask = self.split.source.read(int(index))
+    image = _to_channels(_to_unit(image, self.data), self.shape[-1])
+    if mask is None:
+      mask = np.zeros(image.shape[:-1] + (1,), np.float32)
+    return image, mask.astype(np.float32)
+
+  def __call__(self, index):
+    spatial = [None] * self.split.source.spatial_ndim
+    image, mask = tf.numpy_function(self._read, [index], (tf.float32, tf.float32),
+                                    stateful=False)
+    image = _resize(tf.ensure_shape(image, spatial + [self.shape[-1]]), self.shape,
+                    "bilinear")
+    example = {
+        "image": tf.ensure_shape(image * 2.0 - 1.0, self.shape),
+        "label": tf.gather(self.labels, index),
+        "anomalous": tf.gather(self.anomalous, index),
+        "index": tf.cast(index, tf.int32),
+    }
+    if self.split.source.has_masks:
+      mask = _resize(tf.ensure_shape(mask, spatial + [1]), self.shape[:-1] + (1,),
+                     "nearest")
+      example["mask"] = tf.cast(mask > 0.5, tf.float32)
+    return example
+
+
+def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict]:
+  """Iterates numpy batches; a read error inside tf.data surfaces as a plain DataError."""
+  it = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      lines = [l for l in e.message.splitlines() if "Error:" in l] or [e.message]
+      raise DataError(lines[-1].split("Error: ", 1)[-1].strip()) from None
+    yield batch
+
+
+def _dataset(split, data, indices: np.ndarray, batch: int, valid=None) -> tf.data.Dataset:
+  ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+  if valid is not None:
+    ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(valid))
+    preprocess = _Preprocess(split, data)
+    fn = lambda i, v: {**preprocess(i), "valid": v}
+  else:
+    fn = _Preprocess(split, data)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = 0
+  return (ds.with_options(options)
+          .map(fn, num_parallel_calls=AUTOTUNE, deterministic=True)
+          .batch(batch, drop_remainder=valid is None)
+          .prefetch(AUTOTUNE))
+
+
+def steps_per_epoch(split: Split, global_batch: int) -> int:
+  n = len(split.normal_indices)
+  if n < global_batch:
+    raise ConfigError(
+        f"the train split has {n} normal images, fewer than train.batch_size="
+        f"{global_batch}: lower the batch size or add data")
+  return n // global_batch
+
+
+def epoch_order(split: Split, seed: int, epoch: int, global_batch: int) -> np.ndarray:
+  """Epoch `epoch`'s global batches of example indices, shape (steps, global_batch)."""
+  steps = steps_per_epoch(split, global_batch)
+  perm = np.random.default_rng([seed, epoch]).permutation(split.normal_indices)
+  return perm[: steps * global_batch].reshape(steps, global_batch)
+
+
+def train_batches(split: Split, data: ml_collections.ConfigDict, *, seed: int,
+                  global_batch: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """Yields this process's share of every global training batch from `start_step` on.
+
+  Batches are numpy dicts (`image`, `label`, `anomalous`, `index`, `mask` if the data
+  has masks), `global_batch // process_count` images each; the stream never ends.
+  """
+  if global_batch % process_count:
+    raise ConfigError(f"train.batch_size={global_batch} is not divisible by the "
+                      f"{process_count} processes")
+  local = global_batch // process_count
+  steps = steps_per_epoch(split, global_batch)
+  epoch, skip = divmod(start_step, steps)
+  while True:
+    order = epoch_order(split, seed, epoch, global_batch)[skip:]
+    mine = order[:, process_index * local:(process_index + 1) * local].reshape(-1)
+    yield from _numpy_batches(_dataset(split, data, mine, local))
+    epoch, skip = epoch + 1, 0
+
+
+def eval_batches(split: Split, data: ml_collections.ConfigDict, *, global_batch: int,
+                 normal_only: bool = False, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+  """Every example of the split exactly once, in order, in padded global batches.
+
+  Each process gets its slice of every global batch; padding repeats index 0 with
+  `valid` = 0, so masked sums over `valid` count each real example once.
+  """
+  indices = split.normal_indices if normal_only else np.arange(len(split.source))
+  n = len(indices)
+  padded = -(-n // global_batch) * global_batch
+  valid = np.zeros(padded, np.float32)
+  valid[:n] = 1.0
+  indices = np.concatenate([indices, np.full(padded - n, indices[0] if n else 0)])
+  local = global_batch // process_count
+  take = lambda a: a.reshape(-1, global_batch)[:, process_index * local:
+                                               (process_index + 1) * local].reshape(-1)
+  return _numpy_batches(_dataset(split, data, take(indices), local, valid=take(valid)))

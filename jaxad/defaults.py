@@ -1,0 +1,74 @@
+"""The base experiment config: every hyperparameter jaxad reads, with its meaning.
+
+Experiment files in `configs/` start from `get_config()` and override what their paper
+sets. The config is locked before command-line overrides apply, so a mistyped key
+(`--config.model.latnet_dim=8`) fails instead of being ignored.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base config (the small digits VAE)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # The only seed: data order, init, z samples all derive from it.
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "digits"  # tfds | folder | csv | npz | digits | synthetic
+  d.name = ""  # tfds: dataset name, e.g. "mnist", "fashion_mnist".
+  d.data_dir = ""  # tfds: where prepared datasets live ("" = tfds default).
+  d.image_key = "image"  # tfds: feature holding the image.
+  d.label_key = "label"  # tfds: feature holding the class label.
+  d.path = ""  # folder root | .npz file | CSV file (may contain "{split}").
+  d.image_dir = ""  # csv: folder of the images ("" = the CSV's folder).
+  d.image_ext = ".jpg"  # csv: extension appended to ids that have none.
+  d.id_column = "image"  # csv: column with the image id.
+  d.label_column = ""  # csv: single label column ("" = one-hot class columns).
+  d.group_column = ""  # csv: patient/subject id for stratified bootstrap.
+  d.mask_dir = ""  # csv: folder of lesion masks (X_segmentation.png or X.png).
+  d.ndim = 0  # npz: spatial rank, 0 = infer, 2 = images, 3 = volumes.
+  d.train_split = "train"  # split names as the source knows them
+  d.val_split = "val"  # "" = hold val_fraction of the train split out
+  d.test_split = "test"
+  d.val_fraction = 0.0  # used only when val_split is "".
+  d.normal_classes = ()  # class names or indices seen in training...
+  d.anomalous_classes = ()  # ...or their complement; set exactly one of the two.
+  d.image_size = 32  # every side is resized to this (conv VAE: 4·2^k).
+  d.depth = 0  # volumes: depth after resizing (0 = same as image_size).
+  d.channels = 1  # 1 = grayscale, 3 = RGB (converted if the data differs).
+  d.intensity = "fixed"  # fixed: map intensity_range to [-1, 1]; minmax: per image.
+  d.intensity_range = ()  # (lo, hi); () = dtype range (uint8 0..255,
+  # uint16 0..65535, float 0..1). Set e.g. (0, 4095) for 12-bit data, or a CT window.
+  d.synthetic = ml_collections.ConfigDict(dict(
+      num_examples=64, image_size=32, channels=1, anomaly_fraction=0.5))
+
+  c.model = m = ml_collections.ConfigDict()
+  m.family = "vae"  # vae (score and gan come with their issues)
+  m.name = "conv_vae"  # conv_vae | mlp_vae
+  m.latent_dim = 16
+  m.widths = (16, 32, 64)  # conv: channels per stride-2 block; () = DCGAN default.
+  m.base_width = 32  # conv: first width of the DCGAN default.
+  m.norm = "batch"  # conv: batch | none
+  m.encoder_activation = "leaky_relu"
+  m.decoder_activation = "relu"
+  m.hidden = (400, 400, 400)  # mlp: hidden layer sizes.
+  m.likelihood = "gaussian"  # gaussian: N(g(z), beta/2 I); bernoulli: logits.
+  m.beta = 0.01  # loss = SSE + beta·KL = beta·(−ELBO) + const (Lu & Xu).
+
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 32  # global batch, split over every device of every host.
+  t.num_epochs = 20
+  t.num_steps = -1  # > 0 overrides num_epochs.
+  t.learning_rate = 1e-4  # Adam.
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-8
+  t.plateau_patience = 0  # epochs without val improvement before lr×factor (0 = off).
+  t.plateau_factor = 0.1
+  t.early_stop_patience = 0  # epochs without val improvement before stopping (0 = off).
+  t.min_delta = 0.0  # improvement smaller than this (nats) does not count.
+  t.checkpoint_every_steps = 500
+  t.keep_checkpoints = 3
+  t.log_every_steps = 50
+  t.progress_bar = True
+  return c

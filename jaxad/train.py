@@ -1,0 +1,39 @@
+"""Trains a model: `python -m jaxad.train --config=configs/X.py --workdir=DIR`.
+
+Override any config value with `--config.a.b=value` (the config is locked, so a
+mistyped key fails). Running the same command again resumes from the latest
+checkpoint in DIR.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, events and config.json.")
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from tqdm.contrib.logging import logging_redirect_tqdm
+
+  from jaxad import trainer
+  from jaxad.errors import CheckpointError, ConfigError, DataError
+  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  try:
+    with logging_redirect_tqdm([logging.getLogger("jaxad")]):
+      _, summary = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DataError, CheckpointError) as e:
+    sys.exit(f"error: {e}")
+  print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                 for k, v in sorted(summary.items())))
+
+
+if __name__ == "__main__":
+  app.run(main)

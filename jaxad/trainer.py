@@ -1,0 +1,298 @@
+"""The training loop: config → data → model → jit-compiled steps → checkpoints and logs.
+
+`train_and_evaluate(config, workdir)` is the library function behind `python -m
+jaxad.train`; it returns the final state and a summary so tests can check numbers.
+Random keys come from `config.seed` and the step (`fold_in`), and data order from the
+seed and the epoch, so a run restarted from its latest checkpoint draws exactly what an
+uninterrupted run draws and ends with the same parameters.
+"""
+
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+
+from jaxad import checkpoint, files, parallel
+from jaxad import config as config_lib
+from jaxad.data import pipeline
+from jaxad.errors import ConfigError
+from jaxad.models import vae as vae_models
+from jaxad.objectives import likelihood as likelihood_lib
+from jaxad.objectives import vae as vae_objectives
+
+log = logging.getLogger("jaxad")
+
+# Key purposes: every random draw derives from config.seed through one of these.
+INIT, TRAIN, VAL = 0, 1, 2
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimiser steps taken
+  params: Any
+  model_state: Any  # mutable collections (batch_stats) or {}
+  opt_state: Any  # optax state; learning rate lives in opt_state.hyperparams
+  best_val: jax.Array  # best validation −ELBO so far (nats per image)
+  bad_epochs: jax.Array  # epochs since best_val improved
+  stopped: jax.Array  # 1 once early stopping has ended the run
+
+
+def purpose_key(seed: int, purpose: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), purpose)
+
+
+def image_shape(config: ml_collections.ConfigDict, spatial_ndim: int) -> tuple[int, ...]:
+  return pipeline.output_shape(config.data, spatial_ndim)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with the learning rate injected into the state (for plateau and grids)."""
+  t = config.train
+  return optax.inject_hyperparams(optax.adam)(
+      learning_rate=t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps)
+
+
+def create_state(model, tx, shape, seed, mesh) -> TrainState:
+  """Initialises parameters directly replicated on every device of the mesh."""
+  def init():
+    variables = model.init(purpose_key(seed, INIT), jnp.zeros((1, *shape)), train=False)
+    params = variables.pop("params")
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
+        opt_state=tx.init(params), best_val=jnp.full((), jnp.inf, jnp.float32),
+        bad_epochs=jnp.zeros((), jnp.int32), stopped=jnp.zeros((), jnp.int32))
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
+def make_train_step(model, likelihood, tx, seed, mesh):
+  """The jit-compiled VAE step: one reparameterised sample, Adam update, metrics."""
+  train_key = purpose_key(seed, TRAIN)
+
+  def step(state: TrainState, images: jax.Array):
+    rng = jax.random.fold_in(train_key, state.step)
+
+    def loss_fn(params):
+      variables = {"params": params, **state.model_state}
+      terms, updates = vae_objectives.vae_terms(
+          model, variables, images, rng, likelihood, train=True)
+      return vae_objectives.training_loss(terms, likelihood), (terms, updates)
+
+    (loss, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
+        model_state={**state.model_state, **updates}, opt_state=opt_state)
+    metrics = {"loss": loss, "neg_elbo": terms.neg_elbo.mean(), "kl": terms.kl.mean(),
+               "rec": terms.rec.mean(), "grad_norm": optax.global_norm(grads)}
+    return state, metrics
+
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_val_step(model, likelihood, seed, mesh):
+  """Masked sums of the per-image −ELBO (eval mode) over one padded batch."""
+  val_key = purpose_key(seed, VAL)
+
+  def step(state: TrainState, images, valid, batch_index):
+    rng = jax.random.fold_in(val_key, batch_index)
+    variables = {"params": state.params, **state.model_state}
+    terms, _ = vae_objectives.vae_terms(model, variables, images, rng, likelihood,
+                                        train=False)
+    return jnp.sum(terms.neg_elbo * valid), jnp.sum(valid)
+
+  return jax.jit(step)
+
+
+def validation_loss(val_step, state, split, config, mesh) -> float:
+  """Mean −ELBO (nats per image) over the normal images of the validation split."""
+  total, count = 0.0, 0.0
+  batches = pipeline.eval_batches(
+      split, config.data, global_batch=config.train.batch_size, normal_only=True,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for i, batch in enumerate(batches):
+    images, valid = parallel.put_batch((batch["image"], batch["valid"]), mesh)
+    s, n = val_step(state, images, valid, i)
+    total, count = total + float(s), count + float(n)
+  return total / count
+
+
+def _set_learning_rate(state: TrainState, value: float, mesh) -> TrainState:
+  hyper = dict(state.opt_state.hyperparams)
+  hyper["learning_rate"] = parallel.put_replicated(
+      jnp.asarray(value, hyper["learning_rate"].dtype), mesh)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+
+def end_of_epoch(state: TrainState, val_loss: float, config, mesh) -> TrainState:
+  """Reduce-on-plateau and early stopping on the validation loss (Zimmerer et al.)."""
+  t = config.train
+  improved = val_loss < float(state.best_val) - t.min_delta
+  best = val_loss if improved else float(state.best_val)
+  bad = 0 if improved else int(state.bad_epochs) + 1
+  lr = float(state.opt_state.hyperparams["learning_rate"])
+  if t.plateau_patience and bad and bad % t.plateau_patience == 0:
+    lr *= t.plateau_factor
+    log.info("validation loss plateaued for %d epochs: learning rate -> %.3g", bad, lr)
+    state = _set_learning_rate(state, lr, mesh)
+  stop = bool(t.early_stop_patience) and bad >= t.early_stop_patience
+  put = lambda v, dtype: parallel.put_replicated(jnp.asarray(v, dtype), mesh)
+  return state.replace(best_val=put(best, jnp.float32), bad_epochs=put(bad, jnp.int32),
+                       stopped=put(int(stop), jnp.int32))
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f"training diverged at step {step}: {bad}. Lower train.learning_rate, "
+        "check the data scaling (images must be in [-1, 1]), or resume from the last "
+        "checkpoint with a smaller learning rate.")
+
+
+def _setup_logging(workdir: str) -> None:
+  log.setLevel(logging.INFO)
+  path = os.path.join(workdir, "train.log")
+  if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+class _Writer:
+  """TensorBoard scalars from process 0 (a no-op elsewhere)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self._writer = tf.summary.create_file_writer(os.path.join(workdir, "events")) \
+        if enabled else None
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default(step=step):
+      for k, v in values.items():
+        tf.summary.scalar(k, v)
+    self._writer.flush()
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+              dynamic_ncols=True, mininterval=1.0)
+
+
+def build(config: ml_collections.ConfigDict, spatial_ndim: int):
+  """The model, likelihood and optimiser a config describes (shared with eval)."""
+  model = vae_models.build_model(config.model, image_shape(config, spatial_ndim))
+  return model, likelihood_lib.make_likelihood(config.model), make_optimizer(config)
+
+
+def _prepare_workdir(config, workdir, ckpt) -> None:
+  path = os.path.join(workdir, "config.json")
+  if ckpt.latest_step() is not None and os.path.exists(path):
+    config_lib.check_compatible(files.read_json(path), config, workdir)
+  if jax.process_index() == 0:
+    files.write_json(path, config_lib.to_dict(config))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> tuple[TrainState, dict]:
+  """Trains (or resumes) the configured model in `workdir`; returns (state, summary).
+
+  `stop_at_step` ends the run after that step as if it were interrupted (no extra
+  checkpoint), for preemptible jobs and resume tests.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    _setup_logging(workdir)
+  t = config.train
+  train_split = pipeline.load_split(config.data, "train")
+  val_split = pipeline.load_split(config.data, "val")
+  if val_split is None and (t.plateau_patience or t.early_stop_patience):
+    raise ConfigError("train.plateau_patience / train.early_stop_patience need a "
+                      "validation split: set data.val_split or data.val_fraction > 0")
+  mesh = parallel.make_mesh()
+  parallel.local_batch_size(t.batch_size, mesh)
+  steps_per_epoch = pipeline.steps_per_epoch(train_split, t.batch_size)
+  num_steps = config_lib.total_steps(config, steps_per_epoch)
+  model, likelihood, tx = build(config, train_split.source.spatial_ndim)
+  shape = image_shape(config, train_split.source.spatial_ndim)
+
+  ckpt = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
+  _prepare_workdir(config, workdir, ckpt)
+  state = create_state(model, tx, shape, config.seed, mesh)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+  start = int(state.step)
+  log.info("training %s on %s: %d normal images, %d steps/epoch, %d steps, %d devices",
+           config.model.name, train_split.source.name, len(train_split.normal_indices),
+           steps_per_epoch, num_steps, mesh.devices.size)
+
+  train_step = make_train_step(model, likelihood, tx, config.seed, mesh)
+  val_step = make_val_step(model, likelihood, config.seed, mesh) if val_split else None
+  batches = pipeline.train_batches(
+      train_split, config.data, seed=config.seed, global_batch=t.batch_size,
+      start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  writer = _Writer(workdir, is_main)
+  bar = _progress(num_steps, start, is_main and t.progress_bar)
+  summary = {"val_neg_elbo": float(state.best_val), "stopped_early": bool(state.stopped)}
+  pending, window, tick = None, [], time.perf_counter()
+  step = start
+  try:
+    while step < num_steps and not int(state.stopped):
+      batch = next(batches)
+      state, metrics = train_step(state, parallel.put_batch(batch["image"], mesh))
+      if pending is not None:  # check the previous step while this one runs
+        window.append(jax.device_get(pending))
+        _check_finite(window[-1], step)
+      pending, step = metrics, step + 1
+      bar.update(1)
+      if step % t.log_every_steps == 0 or step == num_steps:
+        window.append(jax.device_get(pending))
+        _check_finite(window[-1], step)
+        pending = None
+        now = time.perf_counter()
+        means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+        means["images_per_second"] = len(window) * t.batch_size / (now - tick)
+        means["learning_rate"] = float(state.opt_state.hyperparams["learning_rate"])
+        writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
+        bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{means['images_per_second']:.0f}")
+        log.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in means.items()))
+        summary.update({f"train_{k}": v for k, v in means.items()})
+        window, tick = [], time.perf_counter()
+      if step % steps_per_epoch == 0 and val_split is not None:
+        val = validation_loss(val_step, state, val_split, config, mesh)
+        state = end_of_epoch(state, val, config, mesh)
+        writer.scalars(step, {"val/neg_elbo": val})
+        log.info("epoch %d: validation -ELBO %.5g nats/image", step // steps_per_epoch, val)
+        summary["val_neg_elbo"] = val
+      if step % t.checkpoint_every_steps == 0 or step == num_steps or int(state.stopped):
+        ckpt.save(step, state)
+      if stop_at_step is not None and step >= stop_at_step:
+        break
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  summary.update(step=step, epoch=step / steps_per_epoch, num_steps=num_steps,
+                 stopped_early=bool(int(state.stopped)))
+  if int(state.stopped):
+    log.info("early stopping: no validation improvement for %d epochs", t.early_stop_patience)
+  return state, summary
