@@ -91,7 +91,7 @@ def make_train_step(model, likelihood, tx, seed, mesh):
         step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
         model_state={**state.model_state, **updates}, opt_state=opt_state)
     metrics = {"loss": loss, "neg_elbo": terms.neg_elbo.mean(), "kl": terms.kl.mean(),
-               "rec": terms.rec.mean(), "grad_norm": optax.global_norm(grads)}
+               "rec": terms.rec.mean(), "grad_norm": optax.tree.norm(grads)}
     return state, metrics
 
   replicated = parallel.replicated(mesh)
@@ -209,11 +209,13 @@ def _prepare_workdir(config, workdir, ckpt) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None) -> tuple[TrainState, dict]:
+                       stop_at_step: int | None = None,
+                       devices=None) -> tuple[TrainState, dict]:
   """Trains (or resumes) the configured model in `workdir`; returns (state, summary).
 
   `stop_at_step` ends the run after that step as if it were interrupted (no extra
-  checkpoint), for preemptible jobs and resume tests.
+  checkpoint), for preemptible jobs and resume tests. `devices` (default: all)
+  restricts the mesh.
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -226,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if val_split is None and (t.plateau_patience or t.early_stop_patience):
     raise ConfigError("train.plateau_patience / train.early_stop_patience need a "
                       "validation split: set data.val_split or data.val_fraction > 0")
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(devices)
   parallel.local_batch_size(t.batch_size, mesh)
   steps_per_epoch = pipeline.steps_per_epoch(train_split, t.batch_size)
   num_steps = config_lib.total_steps(config, steps_per_epoch)
@@ -292,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.close()
     ckpt.close()
   summary.update(step=step, epoch=step / steps_per_epoch, num_steps=num_steps,
-                 stopped_early=bool(int(state.stopped)))
+                 stopped_early=bool(int(state.stopped)), devices=mesh.devices.size,
+                 train_step_compilations=train_step._cache_size())
   if int(state.stopped):
     log.info("early stopping: no validation improvement for %d epochs", t.early_stop_patience)
   return state, summary

@@ -1,0 +1,360 @@
+"""Data sources: labels, ids, dtypes, masks, held-out splits and error messages."""
+
+import csv
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxad.data import sources
+from jaxad.errors import ConfigError, DataError
+
+
+def _data(**fields) -> ml_collections.ConfigDict:
+  base = dict(source="folder", path="", train_split="train", val_split="val",
+              test_split="test", val_fraction=0.0)
+  base.update(fields)
+  return ml_collections.ConfigDict(base)
+
+
+def _save(path, array, **kwargs):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path, **kwargs)
+
+
+def _gray(value, shape=(6, 5)):
+  return np.full(shape, value, np.uint8)
+
+
+# ----------------------------------------------------------------------------------
+# folder
+
+
+@pytest.fixture
+def oct_tree(tmp_path):
+  """An OCT2017-like tree: mixed formats, an empty class, masks for some test images."""
+  root = tmp_path / "oct"
+  _save(str(root / "train/NORMAL/b.png"), _gray(10))
+  _save(str(root / "train/NORMAL/a.PNG"), _gray(20))  # upper-case extension
+  _save(str(root / "train/CNV/c.jpg"), np.full((6, 5, 3), 100, np.uint8), quality=95)
+  (root / "train/NORMAL/notes.txt").write_text("not an image")
+  (root / "train/EMPTY").mkdir()  # skipped: other classes have images
+  _save(str(root / "test/NORMAL/n1.png"), np.full((6, 5), 40000, np.uint16))
+  _save(str(root / "test/DME/d1.tif"), np.full((6, 5), 300, np.uint16))
+  _save(str(root / "test/DME/d2.png"), np.full((6, 5, 4), 50, np.uint8))  # RGBA
+  mask = np.zeros((6, 5), np.uint8)
+  mask[1:3, 2:4] = 255
+  _save(str(root / "test/masks/DME/d1.png"), mask)  # d2 has no mask
+  return root
+
+
+def test_folder_reads_labels_ids_and_dtypes(oct_tree):
+  data = _data(path=str(oct_tree))
+  train = sources.get_source(data, "train")
+  # Class names are shared by every split the config names, so labels agree.
+  assert train.class_names == ("CNV", "DME", "EMPTY", "NORMAL")
+  assert list(train.ids) == ["CNV/c.jpg", "NORMAL/a.PNG", "NORMAL/b.png"]
+  np.testing.assert_array_equal(train.labels, [0, 3, 3])
+  assert train.labels.dtype == np.int32 and train.groups is None
+  assert not train.has_masks and train.spatial_ndim == 2
+  gray, mask = train.read(1)
+  assert gray.shape == (6, 5, 1) and gray.dtype == np.uint8 and gray[0, 0, 0] == 20
+  assert mask is None
+  rgb, _ = train.read(0)
+  assert rgb.shape == (6, 5, 3) and rgb.dtype == np.uint8
+
+
+def test_folder_keeps_16_bit_and_reads_masks(oct_tree):
+  test = sources.get_source(_data(path=str(oct_tree)), "test")
+  assert list(test.ids) == ["DME/d1.tif", "DME/d2.png", "NORMAL/n1.png"]
+  assert test.has_masks
+  tif, tif_mask = test.read(0)
+  assert tif.dtype == np.uint16 and tif.shape == (6, 5, 1) and tif.max() == 300
+  expected = np.zeros((6, 5, 1), np.uint8)
+  expected[1:3, 2:4] = 1
+  np.testing.assert_array_equal(tif_mask, expected)
+  rgba, no_mask = test.read(1)
+  assert rgba.shape == (6, 5, 3)  # alpha dropped
+  assert no_mask.shape == (6, 5, 1) and no_mask.dtype == np.uint8 and not no_mask.any()
+  png16, _ = test.read(2)
+  assert png16.dtype == np.uint16 and png16.max() == 40000
+
+
+@pytest.mark.parametrize("mode, dtype, channels", [
+    ("P", np.uint8, 3), ("LA", np.uint8, 1), ("1", np.uint8, 1), ("F", np.float32, 1),
+    ("I", np.uint16, 1)])
+def test_decode_image_modes(tmp_path, mode, dtype, channels):
+  path = str(tmp_path / ("x.tif" if mode in ("F", "I") else "x.png"))
+  Image.fromarray(np.arange(30, dtype=np.uint8).reshape(6, 5)).convert(mode).save(path)
+  image = sources.decode_image(path)
+  assert image.dtype == dtype and image.shape == (6, 5, channels)
+
+
+def test_folder_errors_name_the_problem(oct_tree, tmp_path):
+  with pytest.raises(DataError, match=r"splits under .*\['test', 'train'\].*val_split"):
+    sources.get_source(_data(path=str(oct_tree)), "val")
+  with pytest.raises(DataError, match="does not exist: check data.path"):
+    sources.get_source(_data(path=str(tmp_path / "nowhere")), "train")
+  (tmp_path / "empty/train/NORMAL").mkdir(parents=True)
+  with pytest.raises(DataError, match=r"no images found under .*\*\.png"):
+    sources.get_source(_data(path=str(tmp_path / "empty")), "train")
+  broken = oct_tree / "train/NORMAL/c_broken.png"
+  broken.write_bytes(b"not a png")
+  train = sources.get_source(_data(path=str(oct_tree)), "train")
+  with pytest.raises(DataError, match="cannot decode image .*c_broken.png.*replace"):
+    train.read(list(train.ids).index("NORMAL/c_broken.png"))
+
+
+# ----------------------------------------------------------------------------------
+# held-out validation, subset, read
+
+
+def test_held_out_val_is_fixed_disjoint_and_complete():
+  data = _data(source="synthetic", val_split="", val_fraction=0.25,
+               synthetic=dict(num_examples=40, image_size=8))
+  full = sources.get_source(_data(source="synthetic", val_split="",
+                                  synthetic=dict(num_examples=40, image_size=8)), "train")
+  train, val = sources.get_source(data, "train"), sources.get_source(data, "val")
+  assert len(full) == 40 and len(val) == 10 and len(train) == 30
+  assert set(train.ids).isdisjoint(val.ids)
+  assert set(train.ids) | set(val.ids) == set(full.ids)
+  again = sources.get_source(data, "val")
+  np.testing.assert_array_equal(again.ids, val.ids)
+  k = int(val.ids[3].split("/")[1])
+  np.testing.assert_array_equal(val.read(3)[0], full.read(k)[0])
+  assert sources.get_source(_data(source="synthetic", val_split=""), "val") is None
+
+
+def test_subset_and_read_bounds():
+  source = sources.get_source(_data(source="digits"), "test")
+  sub = source.subset([5, 2])
+  assert sub.class_names == source.class_names
+  np.testing.assert_array_equal(sub.labels, source.labels[[5, 2]])
+  np.testing.assert_array_equal(sub.read(1)[0], source.read(2)[0])
+  with pytest.raises(DataError, match="out of range"):
+    sub.read(2)
+
+
+def test_unknown_source_and_classes():
+  with pytest.raises(ConfigError, match=r"unknown data.source 'nope'.*'folder'"):
+    sources.get_source(_data(source="nope"), "train")
+  with pytest.raises(ConfigError, match="data.test_split is empty"):
+    sources.get_source(_data(source="synthetic", test_split=""), "test")
+  source = sources.get_source(_data(source="synthetic"), "test")
+  np.testing.assert_array_equal(sources.resolve_classes(source, ["anomalous", 0]), [1, 0])
+  with pytest.raises(ConfigError, match=r"'tumour'.*names are \['normal', 'anomalous'\]"):
+    sources.resolve_classes(source, ["tumour"])
+  with pytest.raises(ConfigError, match="unknown class 2"):
+    sources.resolve_classes(source, [2])
+
+
+# ----------------------------------------------------------------------------------
+# csv
+
+
+def _write_csv(path, header, rows):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    csv.writer(f).writerows([header, *rows])
+
+
+@pytest.fixture
+def isic(tmp_path):
+  """ISIC 2018 Task 3 layout with a lesion_id group column and task 1 style masks."""
+  root = tmp_path / "isic"
+  header = ["image", "MEL", "NV", "BCC", "lesion_id"]
+  _write_csv(str(root / "train.csv"), header, [
+      ["ISIC_1", "0.0", "1.0", "0.0", "L1"],
+      ["ISIC_2", "1.0", "0.0", "0.0", "L1"],
+      ["ISIC_3.png", "0", "0", "1", "L2"]])
+  for i, value in ((1, 10), (2, 20)):
+    _save(str(root / f"images/train/ISIC_{i}.jpg"), np.full((6, 5, 3), value, np.uint8))
+  _save(str(root / "images/train/ISIC_3.png"), np.full((6, 5, 3), 30, np.uint8))
+  mask = np.zeros((6, 5), np.uint8)
+  mask[2, 2] = 255
+  _save(str(root / "masks/ISIC_2_segmentation.png"), mask)
+  _save(str(root / "masks/ISIC_3.png"), mask)
+  return root
+
+
+def _isic_data(root, **fields):
+  return _data(**{"source": "csv", "path": str(root / "{split}.csv"),
+                  "image_dir": str(root / "images/{split}"), "image_ext": ".jpg",
+                  "id_column": "image", "label_column": "", "group_column": "lesion_id",
+                  **fields})
+
+
+def test_csv_one_hot_groups_and_masks(isic):
+  train = sources.get_source(_isic_data(isic, mask_dir=str(isic / "masks")), "train")
+  assert train.class_names == ("MEL", "NV", "BCC")
+  np.testing.assert_array_equal(train.labels, [1, 0, 2])
+  assert list(train.ids) == ["ISIC_1.jpg", "ISIC_2.jpg", "ISIC_3.png"]
+  assert list(train.groups) == ["L1", "L1", "L2"]
+  assert train.has_masks
+  image, mask = train.read(1)
+  assert image.shape == (6, 5, 3) and image.dtype == np.uint8
+  assert mask.sum() == 1 and mask[2, 2, 0] == 1
+  assert train.read(2)[1].sum() == 1  # X.png naming
+  assert not train.read(0)[1].any()  # no mask: all zero
+  assert sources.get_source(_isic_data(isic), "train").read(0)[1] is None
+
+
+def test_csv_label_column(isic):
+  _write_csv(str(isic / "labels.csv"), ["image", "dx"],
+             [["ISIC_1", "nv"], ["ISIC_2", "mel"]])
+  data = _data(source="csv", path=str(isic / "labels.csv"),
+               image_dir=str(isic / "images/train"), label_column="dx")
+  source = sources.get_source(data, "train")
+  assert source.class_names == ("mel", "nv") and list(source.labels) == [1, 0]
+  assert source.groups is None
+
+
+def test_csv_errors(isic):
+  os.remove(isic / "images/train/ISIC_2.jpg")
+  with pytest.raises(DataError, match=r"1 of the 3 images .* missing, e.g. .*ISIC_2\.jpg"):
+    sources.get_source(_isic_data(isic), "train")
+  with pytest.raises(DataError, match=r"no column 'img'.*\['image', 'MEL'"):
+    sources.get_source(_isic_data(isic, id_column="img"), "train")
+  with pytest.raises(DataError, match="test.csv not found"):
+    sources.get_source(_isic_data(isic), "test")
+  _write_csv(str(isic / "bad.csv"), ["image", "MEL", "NV"], [["ISIC_1", "1", "1"]])
+  with pytest.raises(DataError, match=r"line 2 \('ISIC_1'\) is not one-hot"):
+    sources.get_source(_data(source="csv", path=str(isic / "bad.csv")), "train")
+
+
+# ----------------------------------------------------------------------------------
+# npz
+
+
+def _npz(path, **arrays):
+  np.savez(path, **arrays)
+  return _data(source="npz", path=str(path), ndim=0)
+
+
+def test_npz_2d_gray_and_rgb(tmp_path):
+  rng = np.random.default_rng(0)
+  gray = rng.integers(0, 256, (5, 7, 6), dtype=np.uint8)
+  masks = np.zeros((5, 7, 6), np.uint8)
+  masks[0, 1, 1] = 7
+  data = _npz(tmp_path / "m.npz", train_images=gray, train_labels=np.arange(5)[:, None] % 3,
+              train_masks=masks, test_images=rng.random((2, 7, 6, 3), np.float32),
+              test_labels=np.array([0, 1]), class_names=np.array(["a", "b", "c"]))
+  train = sources.get_source(data, "train")
+  assert train.class_names == ("a", "b", "c") and train.spatial_ndim == 2
+  np.testing.assert_array_equal(train.labels, [0, 1, 2, 0, 1])
+  assert list(train.ids[:2]) == ["train/0", "train/1"] and train.has_masks
+  image, mask = train.read(0)
+  assert image.shape == (7, 6, 1) and image.dtype == np.uint8
+  np.testing.assert_array_equal(image[..., 0], gray[0])
+  assert mask.dtype == np.uint8 and mask.sum() == 1 and mask[1, 1, 0] == 1
+  test = sources.get_source(data, "test")
+  image, mask = test.read(1)
+  assert image.shape == (7, 6, 3) and image.dtype == np.float32 and mask is None
+
+
+def test_npz_3d_uint16_and_ndim_override(tmp_path):
+  volumes = np.arange(2 * 4 * 5 * 6, dtype=np.uint16).reshape(2, 4, 5, 6) * 100
+  data = _npz(tmp_path / "v.npz", train_images=volumes, train_labels=np.array([0, 1]),
+              test_images=volumes[..., None], test_labels=np.array([1, 1]),
+              val_images=np.zeros((2, 4, 5, 3), np.uint8), val_labels=np.array([0, 0]))
+  train = sources.get_source(data, "train")
+  assert train.spatial_ndim == 3 and train.class_names == ("0", "1")
+  image, _ = train.read(1)
+  assert image.shape == (4, 5, 6, 1) and image.dtype == np.uint16 and image.max() > 255
+  assert sources.get_source(data, "test").read(0)[0].shape == (4, 5, 6, 1)
+  assert sources.get_source(data, "val").spatial_ndim == 2  # last axis 3: RGB
+  data.ndim = 3
+  val = sources.get_source(data, "val")
+  assert val.spatial_ndim == 3 and val.read(0)[0].shape == (4, 5, 3, 1)
+
+
+def test_npz_errors(tmp_path):
+  data = _npz(tmp_path / "m.npz", train_images=np.zeros((3, 4, 4), np.uint8),
+              train_labels=np.eye(3, dtype=np.int64))
+  with pytest.raises(DataError, match="multi-label data is not supported"):
+    sources.get_source(data, "train")
+  with pytest.raises(DataError, match=r"no array 'test_images' \(its keys: .*train_images"):
+    sources.get_source(data, "test")
+  with pytest.raises(DataError, match="not found: check data.path"):
+    sources.get_source(_data(source="npz", path=str(tmp_path / "none.npz")), "train")
+
+
+# ----------------------------------------------------------------------------------
+# tfds
+
+
+def test_tfds_mock_mnist():
+  import tensorflow_datasets as tfds
+  data = _data(source="tfds", name="mnist", data_dir="", val_split="", val_fraction=0.25)
+  with tfds.testing.mock_data(num_examples=12):
+    train = sources.get_source(data, "train")
+    val = sources.get_source(data, "val")
+    test = sources.get_source(data, "test")
+  assert train.class_names == tuple(str(i) for i in range(10))
+  assert len(train) == 9 and len(val) == 3 and len(test) == 12
+  assert test.ids[0] == "test/0" and test.name == "tfds:mnist[test]"
+  image, mask = test.read(11)
+  assert image.shape == (28, 28, 1) and image.dtype == np.uint8 and mask is None
+  assert test.labels.dtype == np.int32 and 0 <= test.labels.min() <= test.labels.max() < 10
+
+
+def test_tfds_prepared_dataset_splits_and_errors(tmp_path):
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  images = np.arange(6 * 5 * 4, dtype=np.uint8).reshape(6, 5, 4, 1)
+  split = lambda n: tf.data.Dataset.from_tensor_slices(
+      {"image": images[:n], "label": np.arange(n) % 2})
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name="tiny_scans", version="1.0.0", data_dir=str(tmp_path), disable_shuffling=True,
+      split_datasets={"train": split(6), "test": split(4)},
+      features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(5, 4, 1)),
+          "label": tfds.features.ClassLabel(names=["healthy", "lesion"])}))
+  data = _data(source="tfds", name="tiny_scans", data_dir=str(tmp_path),
+               train_split="train[:50%]")
+  train = sources.get_source(data, "train")
+  assert train.class_names == ("healthy", "lesion") and len(train) == 3
+  assert train.ids[2] == "train[:50%]/2"
+  np.testing.assert_array_equal(train.read(2)[0], images[2])
+  with pytest.raises(DataError, match=r"no split 'val'.*\['train', 'test'\].*val_split"):
+    sources.get_source(data, "val")
+  with pytest.raises(DataError, match="unknown tfds dataset 'no_such_dataset_xyz'"):
+    sources.get_source(_data(source="tfds", name="no_such_dataset_xyz"), "train")
+
+
+# ----------------------------------------------------------------------------------
+# digits and synthetic
+
+
+def test_digits_splits_cover_everything_stratified():
+  splits = [sources.get_source(_data(source="digits"), r) for r in ("train", "val", "test")]
+  assert sum(len(s) for s in splits) == 1797
+  assert [len(s) for s in splits] == [1078, 359, 360]
+  for s in splits:
+    assert set(s.labels) == set(range(10)) and s.class_names[9] == "9"
+  image, _ = splits[0].read(0)
+  assert image.shape == (8, 8, 1) and image.dtype == np.uint8 and image.max() <= 255
+  with pytest.raises(DataError, match=r"no split 'holdout'.*\['train', 'val', 'test'\]"):
+    sources.get_source(_data(source="digits", test_split="holdout"), "test")
+
+
+def test_synthetic_is_deterministic_with_exact_lesion_masks():
+  cfg = dict(num_examples=20, image_size=16, channels=3, anomaly_fraction=0.25)
+  test = sources.get_source(_data(source="synthetic", synthetic=cfg), "test")
+  assert test.class_names == ("normal", "anomalous") and test.has_masks
+  assert test.labels.sum() == 5
+  for i in range(len(test)):
+    image, mask = test.read(i)
+    again, _ = test.read(i)
+    np.testing.assert_array_equal(image, again)
+    assert image.shape == (16, 16, 3) and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    normal, _ = sources._synthetic_example("test", i, 16, 3, anomalous=False)
+    changed = np.any(image != normal, axis=-1)
+    np.testing.assert_array_equal(mask[..., 0].astype(bool), changed)
+    assert mask.any() == bool(test.labels[i])
+  train = sources.get_source(_data(source="synthetic", synthetic=cfg), "train")
+  assert train.labels.sum() == 0 and not train.read(0)[1].any()
+  assert not np.array_equal(train.read(0)[0], test.read(0)[0])

@@ -1,0 +1,155 @@
+"""The training loop: compile once, resume bit-for-bit, 1 vs 8 devices, workdir, errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxad import trainer
+from jaxad.errors import CheckpointError, ConfigError, DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves((state.params, state.model_state))]
+
+
+def test_training_writes_workdir_and_compiles_once(make_config, tmp_path):
+  config = make_config(**{"train.num_steps": 12, "train.plateau_patience": 1,
+                          "data.val_split": "val"})
+  state, summary = trainer.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 12
+  assert summary["train_step_compilations"] == 1  # plateau updates did not retrace
+  assert np.isfinite(summary["val_neg_elbo"])
+  assert os.path.exists(tmp_path / "config.json")
+  assert os.path.exists(tmp_path / "train.log")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "12"] or \
+      "12" in os.listdir(tmp_path / "checkpoints")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "events"))
+
+
+def test_loss_decreases(make_config, tmp_path):
+  config = make_config(**{"train.num_steps": 60, "train.log_every_steps": 20})
+  _, first = trainer.train_and_evaluate(make_config(**{"train.num_steps": 4}),
+                                        str(tmp_path / "a"))
+  _, last = trainer.train_and_evaluate(config, str(tmp_path / "b"))
+  assert last["train_neg_elbo"] < first["train_neg_elbo"]
+
+
+def test_resume_after_interrupt_gives_identical_parameters(make_config, tmp_path):
+  config = make_config(**{"train.num_steps": 12, "train.plateau_patience": 1,
+                          "data.val_split": "val"})
+  full, _ = trainer.train_and_evaluate(config, str(tmp_path / "full"))
+  # Interrupted after step 7: the latest checkpoint is step 5, so steps 6–7 are redone.
+  part, _ = trainer.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=7)
+  assert int(part.step) == 7
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["5"]
+  resumed, _ = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert int(resumed.step) == 12
+  for a, b in zip(_leaves(full), _leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert float(full.best_val) == float(resumed.best_val)
+  assert float(full.opt_state.hyperparams["learning_rate"]) == \
+      float(resumed.opt_state.hyperparams["learning_rate"])
+
+
+def test_one_and_eight_devices_agree(make_config, tmp_path):
+  assert jax.device_count() == 8
+  config = make_config(**{"train.num_steps": 8})
+  one, s1 = trainer.train_and_evaluate(config, str(tmp_path / "one"),
+                                       devices=jax.devices()[:1])
+  eight, s8 = trainer.train_and_evaluate(config, str(tmp_path / "eight"))
+  assert s8["devices"] == 8 and s1["devices"] == 1
+  np.testing.assert_allclose(s1["train_loss"], s8["train_loss"], rtol=1e-5)
+  for a, b in zip(_leaves(one), _leaves(eight)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_early_stopping_ends_the_run_and_stays_ended(make_config, tmp_path):
+  # A zero learning rate never improves after the first epoch.
+  config = make_config(**{"train.num_steps": 40, "train.early_stop_patience": 2,
+                          "train.learning_rate": 1e-12, "data.val_split": "val",
+                          "train.min_delta": 1.0})
+  state, summary = trainer.train_and_evaluate(config, str(tmp_path))
+  assert summary["stopped_early"]
+  assert int(state.step) == 3 * 4  # epoch 1 sets the best, epochs 2 and 3 do not improve
+  again, _ = trainer.train_and_evaluate(config, str(tmp_path))
+  assert int(again.step) == int(state.step)
+
+
+def test_mlp_vae_trains_with_bernoulli(make_config, tmp_path):
+  config = make_config(**{"model.name": "mlp_vae", "model.hidden": (16,),
+                          "model.likelihood": "bernoulli", "model.beta": 1.0})
+  state, summary = trainer.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 12 and np.isfinite(summary["train_loss"])
+
+
+def test_divergence_names_the_step(make_config, tmp_path):
+  config = make_config(**{"train.learning_rate": 1e30, "train.num_steps": 30})
+  with pytest.raises(FloatingPointError, match="diverged at step"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+# Bad input: each fails before anything compiles, with a message that names the fix.
+
+def test_batch_not_divisible_by_devices(make_config, tmp_path):
+  with pytest.raises(ConfigError, match="not divisible by the 8 devices"):
+    trainer.train_and_evaluate(make_config(**{"train.batch_size": 12}), str(tmp_path))
+
+
+def test_conv_input_size_must_be_4_times_power_of_two(make_config, tmp_path):
+  with pytest.raises(ConfigError, match="4·2"):
+    trainer.train_and_evaluate(make_config(**{"data.image_size": 12}), str(tmp_path))
+
+
+def test_checkpoint_of_other_model_is_refused(make_config, tmp_path):
+  trainer.train_and_evaluate(make_config(**{"train.num_steps": 5}), str(tmp_path))
+  with pytest.raises(CheckpointError, match="model.latent_dim: 4 in the workdir, 8 now"):
+    trainer.train_and_evaluate(make_config(**{"model.latent_dim": 8}), str(tmp_path))
+
+
+def test_unknown_dataset(make_config, tmp_path):
+  config = make_config(**{"data.source": "mnistt"})
+  with pytest.raises(ConfigError, match="data.source='mnistt'"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unknown_normal_class(make_config, tmp_path):
+  with pytest.raises(ConfigError, match="normal"):
+    trainer.train_and_evaluate(make_config(**{"data.normal_classes": ("healthy",)}),
+                               str(tmp_path))
+
+
+def test_empty_normal_class(make_config, tmp_path):
+  # The synthetic train split holds only normal images: 'anomalous' as normal is empty.
+  config = make_config(**{"data.normal_classes": ("anomalous",)})
+  with pytest.raises(DataError, match="no image of the normal classes"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_batch_larger_than_data(make_config, tmp_path):
+  with pytest.raises(ConfigError, match="fewer than train.batch_size"):
+    trainer.train_and_evaluate(make_config(**{"train.batch_size": 128}), str(tmp_path))
+
+
+def _cli(*args, cwd=ROOT):
+  env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-m", "jaxad.train", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_and_rejects_mistyped_override(tmp_path):
+  small = ["--config=configs/digits_vae.py", f"--workdir={tmp_path}",
+           "--config.train.num_steps=3", "--config.data.image_size=8",
+           "--config.model.widths=(8,)", "--config.train.progress_bar=False"]
+  ok = _cli(*small)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "step=3" in ok.stdout
+  assert os.path.exists(tmp_path / "config.json")
+  bad = _cli(*small, "--config.model.latnet_dim=3")
+  assert bad.returncode != 0
+  assert "latnet_dim" in bad.stderr
