@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.encoder_activation = "leaky_relu"
   m.decoder_activation = "relu"
   m.hidden = (400, 400, 400)  # mlp: hidden layer sizes.
+  m.activation = "relu"  # mlp: activation of the hidden layers.
   m.likelihood = "gaussian"  # gaussian: N(g(z), beta/2 I); bernoulli: logits.
   m.beta = 0.01  # loss = SSE + beta·KL = beta·(−ELBO) + const (Lu & Xu).
 
