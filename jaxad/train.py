@@ -9,6 +9,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, events and config.json.")
@@ -25,7 +26,12 @@ def main(argv):
 
   from jaxad import trainer
   from jaxad.errors import CheckpointError, ConfigError, DataError
-  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save chatter
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  logger = logging.getLogger("jaxad")
+  logger.addHandler(handler)
+  logger.propagate = False  # absl's root handler would print every line twice
   try:
     with logging_redirect_tqdm([logging.getLogger("jaxad")]):
       _, summary = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
