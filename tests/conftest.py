@@ -9,9 +9,7 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-tf.config.set_visible_devices([], "GPU")
 
 from jaxad import defaults  # noqa: E402
 

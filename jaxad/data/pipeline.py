@@ -22,6 +22,8 @@ from jaxad.data import sources
 from jaxad.errors import ConfigError, DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
+# tf.data runs on the host only: never let TensorFlow take accelerator memory from JAX.
+tf.config.set_visible_devices([], "GPU")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,7 @@ class _Preprocess:
     self.labels = split.source.labels.astype(np.int32)
     self.anomalous = split.anomalous
 
+  @tf.autograph.experimental.do_not_convert
   def _read(self, index):
     image, mask = self.split.source.read(int(index))
     image = _to_channels(_to_unit(image, self.data), self.shape[-1])
@@ -180,6 +183,7 @@ def _dataset(split, data, indices: np.ndarray, batch: int, valid=None) -> tf.dat
     fn = lambda i, v: {**preprocess(i), "valid": v}
   else:
     fn = _Preprocess(split, data)
+  fn = tf.autograph.experimental.do_not_convert(fn)  # plain TF ops; reads run in NumPy
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = 0
