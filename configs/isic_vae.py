@@ -17,23 +17,11 @@ from jaxad import defaults
 
 
 def get_config():
-  c = defaults.get_config()
+  c = defaults.use_dcgan128_vae(defaults.get_config())
   c.data.source = "csv"
   c.data.path = ""  # e.g. /data/isic2018/{split}.csv
   c.data.image_dir = ""  # folder of the .jpg files
   c.data.id_column = "image"
   c.data.normal_classes = ("NV",)
-  c.data.image_size = 128
   c.data.channels = 3
-  c.model.name = "conv_vae"
-  c.model.widths = (32, 64, 128, 256, 512)
-  c.model.latent_dim = 300
-  c.model.norm = "batch"
-  c.model.likelihood = "gaussian"
-  c.model.beta = 0.01
-  c.train.batch_size = 32
-  c.train.num_epochs = 40
-  c.train.learning_rate = 1e-4
-  c.train.checkpoint_every_steps = 1000
-  c.train.log_every_steps = 100
   return c

@@ -17,25 +17,11 @@ from jaxad import defaults
 
 
 def get_config():
-  c = defaults.get_config()
+  c = defaults.use_dcgan128_vae(defaults.get_config())
   c.data.source = "folder"
   c.data.path = ""  # the OCT2017 root (holding train/ and test/)
   c.data.val_split = ""  # OCT2017's val/ has 8 images per class: hold out instead
   c.data.val_fraction = 0.05
   c.data.normal_classes = ("NORMAL",)
-  c.data.image_size = 128
   c.data.channels = 1  # OCT B-scans are grayscale
-  c.model.name = "conv_vae"
-  c.model.widths = (32, 64, 128, 256, 512)
-  c.model.latent_dim = 300
-  c.model.norm = "batch"
-  c.model.encoder_activation = "leaky_relu"
-  c.model.decoder_activation = "relu"
-  c.model.likelihood = "gaussian"
-  c.model.beta = 0.01
-  c.train.batch_size = 32
-  c.train.num_epochs = 40
-  c.train.learning_rate = 1e-4
-  c.train.checkpoint_every_steps = 1000
-  c.train.log_every_steps = 100
   return c

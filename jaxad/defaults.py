@@ -73,3 +73,28 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every_steps = 50
   t.progress_bar = True
   return c
+
+
+def use_dcgan128_vae(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Liu & Mitrovic's VAE (also Lu & Xu's): 128×128 → 5 stride-2 blocks, latent 300.
+
+  DCGAN-like, BatchNorm, LeakyReLU encoder and ReLU decoder, separate conv heads for
+  mean and log-variance; loss SSE + 0.01·KL; Adam 1e-4, batch 32, 40 epochs.
+  """
+  config.data.image_size = 128
+  m = config.model
+  m.name = "conv_vae"
+  m.widths = (32, 64, 128, 256, 512)
+  m.latent_dim = 300
+  m.norm = "batch"
+  m.encoder_activation = "leaky_relu"
+  m.decoder_activation = "relu"
+  m.likelihood = "gaussian"
+  m.beta = 0.01
+  t = config.train
+  t.batch_size = 32
+  t.num_epochs = 40
+  t.learning_rate = 1e-4
+  t.checkpoint_every_steps = 1000
+  t.log_every_steps = 100
+  return config

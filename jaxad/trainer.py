@@ -254,7 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       process_count=jax.process_count())
   writer = _Writer(workdir, is_main)
   bar = _progress(num_steps, start, is_main and t.progress_bar)
-  summary = {"val_neg_elbo": float(state.best_val), "stopped_early": bool(state.stopped)}
+  summary = {"stopped_early": bool(state.stopped)}
+  if np.isfinite(float(state.best_val)):
+    summary["best_val_neg_elbo"] = float(state.best_val)
   pending, window, tick = None, [], time.perf_counter()
   step = start
   try:
@@ -285,6 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.scalars(step, {"val/neg_elbo": val})
         log.info("epoch %d: validation -ELBO %.5g nats/image", step // steps_per_epoch, val)
         summary["val_neg_elbo"] = val
+        summary["best_val_neg_elbo"] = float(state.best_val)
       if step % t.checkpoint_every_steps == 0 or step == num_steps or int(state.stopped):
         ckpt.save(step, state)
       if stop_at_step is not None and step >= stop_at_step:
