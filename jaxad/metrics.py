@@ -1,0 +1,516 @@
+"""Evaluation metrics for anomaly detection, in plain NumPy.
+
+Convention everywhere: a higher score means more anomalous, and label 1 means anomalous
+(label 0 normal). Image-level metrics (`auroc`, `auprc`, `per_class_table`) rank one score
+per image; pixel-level metrics (`PixelCurve`, `dice`, `iou`, thresholds) compare anomaly
+maps with lesion masks. Protocol helpers (`calibration_split`, `bootstrap`,
+`logistic_regression_auroc`) follow the papers the configs reproduce.
+
+AUROC and AUPRC are computed here from tie-grouped counts, so exact scores, histogram
+bins (streaming `PixelCurve`) and thresholds all share one implementation; they match
+`sklearn.metrics.roc_auc_score` and `average_precision_score` (tests check to 1e-12).
+Bad input raises `DataError` naming the problem and the fix.
+"""
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from jaxad.errors import DataError
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_array(x, what: str) -> np.ndarray:
+  x = np.asarray(x)
+  if x.size == 0:
+    raise DataError(f"{what} is empty: pass at least one example")
+  return x
+
+
+def _as_scores(x, what: str) -> np.ndarray:
+  """Finite float64 values; NaN or inf means the model output is broken upstream."""
+  x = _as_array(x, what)
+  if x.dtype.kind not in "biuf":
+    raise DataError(f"{what} must be numeric, got dtype {x.dtype}: pass a float array")
+  x = x.astype(np.float64, copy=False)
+  bad = np.count_nonzero(~np.isfinite(x))
+  if bad:
+    raise DataError(f"{what} has {bad} NaN or infinite values: check the model output "
+                    "(diverged training, a division by zero in the score) before scoring")
+  return x
+
+
+def _as_binary(x, what: str) -> np.ndarray:
+  """Bool array from bool or {0, 1} input."""
+  x = _as_array(x, what)
+  if x.dtype == bool:
+    return x
+  if x.dtype.kind not in "iuf":
+    raise DataError(f"{what} must be bool or 0/1, got dtype {x.dtype}")
+  ok = (x == 0) | (x == 1)
+  if not ok.all():
+    raise DataError(f"{what} must contain only 0 and 1 (1 = anomalous), got e.g. "
+                    f"{x[~ok].flat[0]!r}: binarise it first, e.g. `maps >= threshold` "
+                    "or `labels != normal_label`")
+  return x.astype(bool)
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray, what_a: str, what_b: str) -> None:
+  if a.shape != b.shape:
+    raise DataError(f"{what_a} has shape {a.shape} but {what_b} has shape {b.shape}: "
+                    "they must match element for element (check for a channel axis or "
+                    "a batch that was not flattened)")
+
+
+def _check_both_classes(num_pos: int, num_neg: int, what: str) -> None:
+  if num_pos == 0 or num_neg == 0:
+    only = "anomalous (1)" if num_neg == 0 else "normal (0)"
+    raise DataError(f"{what} needs both normal (0) and anomalous (1) examples, got only "
+                    f"{only} ones ({num_pos + num_neg} in all): evaluate on a set that "
+                    "contains both classes")
+
+
+def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+  labels = _as_binary(labels, "labels")
+  scores = _as_scores(scores, "scores")
+  _same_shape(labels, scores, "labels", "scores")
+  return labels.reshape(-1), scores.reshape(-1)
+
+
+# ----------------------------------------------------------------- curves from counts
+
+
+def _tie_groups(labels: np.ndarray, scores: np.ndarray):
+  """Distinct scores in decreasing order with their anomalous and normal counts."""
+  order = np.argsort(scores, kind="stable")[::-1]
+  s, y = scores[order], labels[order]
+  starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+  pos = np.add.reduceat(y.astype(np.int64), starts)
+  neg = np.diff(np.r_[starts, len(s)]) - pos
+  return s[starts], pos, neg
+
+
+def _auroc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
+  """P(score of an anomalous > a normal one), ties ½; counts ordered by decreasing score."""
+  num_pos, num_neg = pos.sum(), neg.sum()
+  tp_above = np.cumsum(pos) - pos
+  return float(np.sum(neg * (tp_above + 0.5 * pos)) / (float(num_pos) * float(num_neg)))
+
+
+def _ap_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
+  """Average precision Σ (R_k − R_k−1)·P_k over tie groups, as scikit-learn defines it."""
+  tp, fp = np.cumsum(pos), np.cumsum(neg)
+  hit = pos > 0  # groups without anomalous examples add no recall
+  return float(np.sum(pos[hit] / pos.sum() * (tp[hit] / (tp[hit] + fp[hit]))))
+
+
+def _best_f1_from_counts(thresholds: np.ndarray, pos: np.ndarray, neg: np.ndarray):
+  """(threshold, F1) maximising F1 = 2TP/(TP+FP+P) over `score >= threshold`."""
+  tp, predicted = np.cumsum(pos), np.cumsum(pos + neg)
+  f1 = 2.0 * tp / (predicted + pos.sum())
+  k = int(np.argmax(f1))  # the first maximum: the highest such threshold
+  return float(thresholds[k]), float(f1[k])
+
+
+# ------------------------------------------------------------------ image-level metrics
+
+
+def auroc(labels, scores) -> float:
+  """Area under the ROC curve: P(anomalous scores higher than normal), ties count ½."""
+  labels, scores = _labels_scores(labels, scores)
+  _check_both_classes(int(labels.sum()), int((~labels).sum()), "auroc")
+  _, pos, neg = _tie_groups(labels, scores)
+  return _auroc_from_counts(pos, neg)
+
+
+def auprc(labels, scores) -> float:
+  """Average precision (area under the PR curve, step-wise as in scikit-learn)."""
+  labels, scores = _labels_scores(labels, scores)
+  _check_both_classes(int(labels.sum()), int((~labels).sum()), "auprc")
+  _, pos, neg = _tie_groups(labels, scores)
+  return _ap_from_counts(pos, neg)
+
+
+def _class_indices(class_names: Sequence[str], values, what: str) -> np.ndarray:
+  """Class indices from class indices or class names."""
+  values = np.asarray(values)
+  if values.dtype.kind in "iu":
+    bad = values[(values < 0) | (values >= len(class_names))]
+    if bad.size:
+      raise DataError(f"{what} has class index {bad.flat[0]}, but there are only "
+                      f"{len(class_names)} classes {tuple(class_names)}")
+    return values.astype(np.int64)
+  lookup = {name: i for i, name in enumerate(class_names)}
+  unknown = sorted({str(v) for v in values.reshape(-1) if v not in lookup})
+  if unknown:
+    raise DataError(f"{what} names unknown classes {unknown}: use names from "
+                    f"{tuple(class_names)} or their indices")
+  return np.array([lookup[v] for v in values.reshape(-1)], np.int64).reshape(values.shape)
+
+
+def _table_row(is_anomalous: np.ndarray, scores: np.ndarray) -> dict:
+  num_pos = int(is_anomalous.sum())
+  row = {"n_anomalous": num_pos, "n_normal": int(len(is_anomalous) - num_pos)}
+  if num_pos == 0:  # a class absent from this split: reported, not guessed
+    return {"auroc": None, "auprc": None, **row}
+  return {"auroc": auroc(is_anomalous, scores), "auprc": auprc(is_anomalous, scores), **row}
+
+
+def per_class_table(class_names: Sequence[str], labels_class: np.ndarray,
+                    scores: dict[str, np.ndarray], normal_classes) -> dict:
+  """Per anomalous class (against normal images only) and 'all', for every score.
+
+  `labels_class` holds one class index (into `class_names`) or class name per image;
+  `normal_classes` names (or indexes) the normal ones. Images of other anomalous classes
+  are left out of a class's comparison, as in Lu & Xu's Table 2. Returns
+  {score: {class or 'all': {'auroc', 'auprc', 'n_anomalous', 'n_normal'}}}; a class
+  with no images in this split gets None for both metrics.
+  """
+  class_names = [str(c) for c in class_names]
+  labels = _class_indices(class_names, _as_array(labels_class, "labels_class"),
+                          "labels_class").reshape(-1)
+  normal = _class_indices(class_names, np.atleast_1d(np.asarray(normal_classes)),
+                          "normal_classes")
+  anomalous = [i for i in range(len(class_names)) if i not in normal]
+  if not anomalous:
+    raise DataError(f"every class {tuple(class_names)} is listed in normal_classes: "
+                    "leave at least one anomalous class out of it")
+  is_normal = np.isin(labels, normal)
+  _check_both_classes(int((~is_normal).sum()), int(is_normal.sum()), "per_class_table")
+  if not scores:
+    raise DataError("scores is empty: pass {score_name: one score per image}")
+  table = {}
+  for name, values in scores.items():
+    values = _as_scores(values, f"scores[{name!r}]").reshape(-1)
+    if len(values) != len(labels):
+      raise DataError(f"scores[{name!r}] has {len(values)} values but labels_class has "
+                      f"{len(labels)}: pass one score per image, in the same order")
+    rows = {}
+    for c in anomalous:
+      keep = is_normal | (labels == c)
+      rows[class_names[c]] = _table_row(labels[keep] == c, values[keep])
+    rows["all"] = _table_row(~is_normal, values)
+    table[name] = rows
+  return table
+
+
+# ------------------------------------------------------------------ pixel-level metrics
+
+
+class PixelCurve:
+  """Streaming pixel AUROC/AUPRC: accumulate (map, mask) batches with flat memory.
+
+  Streaming mode counts normal and lesion pixels in `num_bins` equal bins over
+  `value_range`; every metric is then computed from the bin counts as if each bin were
+  one tied score, so memory is two fixed arrays however many images pass through.
+  Pass `value_range` (e.g. from a first pass over healthy validation maps) whenever you
+  can; if it is None, the first update's min/max, widened by `MARGIN` of the span on
+  each side, fixes it. Later values outside the range are counted in the edge bins
+  (`num_clipped` says how many), which only ties them with their bin neighbours.
+  `exact=True` keeps every value instead and uses `auroc`/`auprc` directly.
+  """
+
+  MARGIN = 0.25
+
+  def __init__(self, num_bins: int = 10_000, value_range: tuple[float, float] | None = None,
+               exact: bool = False):
+    if int(num_bins) != num_bins or num_bins < 2:
+      raise DataError(f"PixelCurve num_bins must be an integer >= 2, got {num_bins!r}")
+    self.num_bins = int(num_bins)
+    self.exact = bool(exact)
+    self.value_range = None if value_range is None else _check_range(value_range)
+    self.num_clipped = 0
+    if self.exact:
+      self._values, self._masks = [], []
+    else:
+      self._counts = np.zeros((2, self.num_bins), np.int64)  # row 0 normal, row 1 lesion
+
+  def update(self, maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None):
+    """Adds a batch: maps (B, *spatial), masks of the same shape, valid (B,) or None."""
+    maps = _as_array(maps, "maps")
+    masks = _as_binary(masks, "masks")
+    _same_shape(maps, masks, "maps", "masks")
+    if valid is not None:
+      valid = _as_binary(valid, "valid").reshape(-1)
+      if len(valid) != len(maps):
+        raise DataError(f"valid has {len(valid)} entries for a batch of {len(maps)} "
+                        "maps: pass one flag per image (False for padding)")
+      maps, masks = maps[valid], masks[valid]
+      if not len(maps):
+        return
+    values = _as_scores(maps, "maps").reshape(-1)
+    masks = masks.reshape(-1)
+    if self.exact:
+      self._values.append(values.copy())
+      self._masks.append(masks.copy())
+      return
+    if self.value_range is None:
+      self.value_range = _widened_range(values.min(), values.max(), self.MARGIN)
+    self._counts += self._histogram(values, masks)
+
+  def _histogram(self, values: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    lo, hi = self.value_range
+    position = (values - lo) * (self.num_bins / (hi - lo))
+    self.num_clipped += int(np.count_nonzero((position < 0) | (position >= self.num_bins)))
+    index = np.clip(position, 0, self.num_bins - 1).astype(np.int64)
+    counts = np.bincount(index + self.num_bins * masks, minlength=2 * self.num_bins)
+    return counts.reshape(2, self.num_bins)
+
+  def _groups(self):
+    """(thresholds, lesion counts, normal counts) by decreasing value."""
+    if self.exact:
+      if not self._values:
+        raise DataError("PixelCurve has no pixels yet: call update() with maps and masks")
+      masks, values = np.concatenate(self._masks), np.concatenate(self._values)
+      _check_both_classes(int(masks.sum()), int((~masks).sum()), "PixelCurve")
+      return _tie_groups(masks, values)
+    neg, pos = self._counts
+    _check_both_classes(int(pos.sum()), int(neg.sum()), "PixelCurve")
+    lo, hi = self.value_range
+    lower_edges = lo + (hi - lo) * np.arange(self.num_bins) / self.num_bins
+    lower_edges[0] = -np.inf  # the bottom bin also holds values clipped below `lo`
+    return lower_edges[::-1], pos[::-1], neg[::-1]
+
+  def auroc(self) -> float:
+    """Pixel-level AUROC over all valid pixels seen so far."""
+    _, pos, neg = self._groups()
+    return _auroc_from_counts(pos, neg)
+
+  def auprc(self) -> float:
+    """Pixel-level average precision over all valid pixels seen so far."""
+    _, pos, neg = self._groups()
+    return _ap_from_counts(pos, neg)
+
+  def best_f1_threshold(self) -> tuple[float, float]:
+    """The PR-curve point of highest F1: (threshold, F1), predicting `map >= threshold`.
+
+    Pooled F1 equals pooled Dice, so this is also the best-Dice threshold. In streaming
+    mode the threshold is a bin's lower edge.
+    """
+    return _best_f1_from_counts(*self._groups())
+
+
+def _check_range(value_range) -> tuple[float, float]:
+  try:
+    lo, hi = (float(v) for v in value_range)
+  except (TypeError, ValueError):
+    raise DataError(f"value_range must be a pair (low, high), got {value_range!r}") from None
+  if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+    raise DataError(f"value_range must be finite with low < high, got {value_range!r}: "
+                    "use the min and max of maps from a first pass, or None")
+  return lo, hi
+
+
+def _widened_range(lo: float, hi: float, margin: float) -> tuple[float, float]:
+  span = hi - lo if hi > lo else max(abs(hi), 1.0)
+  return float(lo - margin * span), float(hi + margin * span)
+
+
+def _pair_counts(pred, mask) -> tuple[int, int, int]:
+  """(|P∩M|, |P|, |M|) over all pixels given."""
+  pred, mask = _as_binary(pred, "pred"), _as_binary(mask, "mask")
+  _same_shape(pred, mask, "pred", "mask")
+  return (int(np.count_nonzero(pred & mask)), int(np.count_nonzero(pred)),
+          int(np.count_nonzero(mask)))
+
+
+def dice(pred: np.ndarray, mask: np.ndarray) -> float:
+  """Pooled Dice 2|P∩M|/(|P|+|M|) over every pixel given; 1.0 when both are empty."""
+  both, p, m = _pair_counts(pred, mask)
+  return 1.0 if p + m == 0 else 2.0 * both / (p + m)
+
+
+def iou(pred: np.ndarray, mask: np.ndarray) -> float:
+  """Pooled intersection over union |P∩M|/|P∪M|; 1.0 when both are empty."""
+  both, p, m = _pair_counts(pred, mask)
+  union = p + m - both
+  return 1.0 if union == 0 else both / union
+
+
+def _maps_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+  maps = _as_scores(maps, "maps")
+  masks = _as_binary(masks, "masks")
+  _same_shape(maps, masks, "maps", "masks")
+  return maps.reshape(-1), masks.reshape(-1)
+
+
+def best_dice_threshold(maps, masks, candidates=None) -> tuple[float, float]:
+  """(threshold, Dice) maximising pooled Dice of `maps >= threshold` on these images.
+
+  Meant for the calibration fifth of `calibration_split`. By default every distinct map
+  value is a candidate (all empirical quantiles), so the optimum is exact; pass
+  `candidates` (e.g. np.quantile(maps, np.linspace(0.9, 1, 101))) for a coarser grid,
+  or use `PixelCurve.best_f1_threshold` (same optimum, binned) on very large sets.
+  """
+  values, masks = _maps_masks(maps, masks)
+  num_lesion = int(masks.sum())
+  if num_lesion == 0:
+    raise DataError("best_dice_threshold: the masks have no lesion pixels, so every "
+                    "threshold above the maps is optimal: calibrate on annotated lesions")
+  if candidates is None:
+    return _best_f1_from_counts(*_tie_groups(masks, values))
+  candidates = _as_scores(candidates, "candidates").reshape(-1)
+  predicted = len(values) - np.searchsorted(np.sort(values), candidates, side="left")
+  hits = num_lesion - np.searchsorted(np.sort(values[masks]), candidates, side="left")
+  scores = 2.0 * hits / (predicted + num_lesion)
+  k = int(np.argmax(scores))
+  return float(candidates[k]), float(scores[k])
+
+
+def nsigma_threshold(healthy_maps, n_sigma: float = 3.0) -> float:
+  """mean + n_sigma·std of every pixel of healthy maps: needs no anomalous data.
+
+  `healthy_maps` is an array or a list of arrays (shapes may differ); std is the
+  population one (ddof=0).
+  """
+  if isinstance(healthy_maps, (list, tuple)):
+    if not healthy_maps:
+      raise DataError("healthy_maps is empty: pass maps of healthy validation images")
+    healthy_maps = np.concatenate([np.ravel(m) for m in healthy_maps])
+  values = _as_scores(healthy_maps, "healthy_maps")
+  if not np.isfinite(n_sigma):
+    raise DataError(f"n_sigma must be finite, got {n_sigma!r}")
+  return float(values.mean() + n_sigma * values.std())
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def _check_fraction(fraction: float) -> None:
+  if not 0.0 < fraction < 1.0:
+    raise DataError(f"fraction must be strictly between 0 and 1, got {fraction!r} "
+                    "(0.2 is the usual calibration fifth)")
+
+
+def _as_groups(groups, n: int, what: str = "groups") -> np.ndarray:
+  groups = _as_array(groups, what).reshape(-1)
+  if len(groups) != n:
+    raise DataError(f"{what} has {len(groups)} entries for {n} images: pass one group "
+                    "(patient id) per image")
+  return groups
+
+
+def calibration_split(n: int, fraction: float = 0.2, seed: int = 0,
+                      groups=None) -> tuple[np.ndarray, np.ndarray]:
+  """(calibration, report) sorted indices: a random `fraction` to choose thresholds on.
+
+  Zimmerer et al. pick thresholds on a random fifth and report on the other four
+  fifths. The halves are disjoint and cover range(n); with `groups` (patient ids) each
+  group lands wholly on one side, the calibration side as close to `fraction`·n images
+  as whole groups allow. Deterministic per seed.
+  """
+  _check_fraction(fraction)
+  if int(n) != n or n < 2:
+    raise DataError(f"calibration_split needs n >= 2 images, got {n!r}")
+  n, rng = int(n), np.random.default_rng(seed)
+  target = fraction * n
+  if groups is None:
+    size = min(max(int(round(target)), 1), n - 1)
+    chosen = rng.permutation(n)[:size]
+    calibration = np.zeros(n, bool)
+    calibration[chosen] = True
+  else:
+    names, group_of = np.unique(_as_groups(groups, n), return_inverse=True)
+    if len(names) < 2:
+      raise DataError("calibration_split with groups needs at least two groups "
+                      "(patients), got one: pass groups=None to split images")
+    order = rng.permutation(len(names))
+    cumulative = np.cumsum(np.bincount(group_of, minlength=len(names))[order])
+    take = int(np.argmin(np.abs(cumulative[:-1] - target))) + 1  # 1..G-1 groups
+    calibration = np.isin(group_of, order[:take])
+  return np.flatnonzero(calibration), np.flatnonzero(~calibration)
+
+
+def _resampling_units(n: int, groups, stratify):
+  """Units (None: rows; else one row-index array per group) and each unit's stratum."""
+  if groups is None:
+    units = None
+  else:
+    _, unit_of = np.unique(_as_groups(groups, n), return_inverse=True)
+    order = np.argsort(unit_of, kind="stable")
+    units = np.split(order, np.flatnonzero(np.diff(unit_of[order])) + 1)
+  if stratify is None:
+    return units, np.zeros(n if units is None else len(units), np.int64)
+  labels = _as_groups(stratify, n, "stratify")
+  if units is None:
+    keys = labels.tolist()
+  else:
+    keys = [tuple(np.unique(labels[u]).tolist()) for u in units]  # a group's label set
+  lookup = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+  return units, np.array([lookup[k] for k in keys], np.int64)
+
+
+def _resample(rng, units, strata) -> np.ndarray:
+  """Row indices of one resample: units drawn with replacement within each stratum."""
+  picked = []
+  for s in np.unique(strata):
+    members = np.flatnonzero(strata == s)
+    picked.append(rng.choice(members, size=len(members), replace=True))
+  picked = np.concatenate(picked)
+  return picked if units is None else np.concatenate([units[u] for u in picked])
+
+
+def bootstrap(metric_fn: Callable[..., float], *arrays, num_resamples: int = 50,
+              seed: int = 0, groups=None, stratify=None, alpha: float = 0.05) -> dict:
+  """Percentile bootstrap of `metric_fn(*arrays)` over images (rows of every array).
+
+  With `groups` whole groups (patients) are resampled; with `stratify` (labels) rows
+  are resampled within each label, so every resample keeps both classes (with both,
+  groups are resampled within the set of labels they contain). Returns
+  {'estimate': metric on the full data, 'mean', 'std', 'low', 'high'} where
+  [low, high] is the (1 − alpha) percentile interval.
+  """
+  if not arrays:
+    raise DataError("bootstrap needs at least one array to resample, e.g. labels, scores")
+  arrays = [_as_array(a, f"bootstrap array {i}") for i, a in enumerate(arrays)]
+  n = len(arrays[0])
+  if any(len(a) != n for a in arrays):
+    raise DataError(f"bootstrap arrays have lengths {[len(a) for a in arrays]}: every "
+                    "array needs one row per image, in the same order")
+  if int(num_resamples) != num_resamples or num_resamples < 2:
+    raise DataError(f"num_resamples must be an integer >= 2, got {num_resamples!r}")
+  _check_fraction(alpha)
+  units, strata = _resampling_units(n, groups, stratify)
+  rng = np.random.default_rng(seed)
+  values = np.empty(int(num_resamples))
+  for r in range(len(values)):
+    rows = _resample(rng, units, strata)
+    try:
+      values[r] = metric_fn(*[a[rows] for a in arrays])
+    except DataError as e:
+      raise DataError(f"bootstrap resample {r} failed: {e}. Pass stratify=labels so that "
+                      "every resample keeps both classes") from e
+  low, high = np.percentile(values, [50 * alpha, 100 - 50 * alpha])
+  return {"estimate": float(metric_fn(*arrays)), "mean": float(values.mean()),
+          "std": float(values.std(ddof=1)), "low": float(low), "high": float(high)}
+
+
+def logistic_regression_auroc(scores, labels, folds: int = 5, seed: int = 0) -> dict:
+  """AUROC of a logistic regression on a 1-D score, stratified k-fold cross-validated.
+
+  The TU/e thesis protocol. Folds come from StratifiedKFold(folds, shuffle=True,
+  random_state=seed). A 1-D logistic model is monotone in the score, so each fold's
+  AUROC equals the raw score's AUROC on that fold's test images when the fitted slope
+  is positive (1 − it when negative): the protocol measures ranking, not calibration.
+  Returns {'auroc': mean over folds, 'auroc_std': std over folds, 'folds': [per fold]}.
+  """
+  from sklearn.linear_model import LogisticRegression  # the reference implementation
+  from sklearn.model_selection import StratifiedKFold
+
+  labels, scores = _labels_scores(labels, scores)
+  if int(folds) != folds or folds < 2:
+    raise DataError(f"folds must be an integer >= 2, got {folds!r}")
+  smaller = int(min(labels.sum(), (~labels).sum()))
+  if smaller < folds:
+    raise DataError(f"logistic_regression_auroc with {folds} folds needs at least {folds} "
+                    f"images of each class, the smaller class has {smaller}: lower folds "
+                    "or add images")
+  splitter = StratifiedKFold(n_splits=int(folds), shuffle=True, random_state=seed)
+  x = scores[:, None]
+  per_fold = []
+  for train, test in splitter.split(x, labels):
+    model = LogisticRegression().fit(x[train], labels[train])
+    per_fold.append(auroc(labels[test], model.decision_function(x[test])))
+  return {"auroc": float(np.mean(per_fold)), "auroc_std": float(np.std(per_fold)),
+          "folds": per_fold}
