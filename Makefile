@@ -17,6 +17,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m jaxad.train --config=configs/digits_vae.py --workdir=$(WORKDIR)
+	$(PY) -m jaxad.evaluate --workdir=$(WORKDIR)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

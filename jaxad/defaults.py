@@ -56,6 +56,22 @@ def get_config() -> ml_collections.ConfigDict:
   m.likelihood = "gaussian"  # gaussian: N(g(z), beta/2 I); bernoulli: logits.
   m.beta = 0.01  # loss = SSE + beta·KL = beta·(−ELBO) + const (Lu & Xu).
 
+  c.eval = e = ml_collections.ConfigDict()
+  e.batch_size = 64  # global batch for scoring (padded; every image scored once).
+  e.num_samples = 15  # L: samples z ~ q(z|x) for the vae and iwae scores.
+  e.pixel_maps = True  # compute pixel maps when the split has masks or lesions.
+  e.save_maps = False  # also write eval/<split>/maps.npz (written in chunks).
+  e.smooth_sigma = 0.0  # gaussian smoothing of the pixel maps (pixels; 0 = off).
+  e.n_sigma = 3.0  # unsupervised threshold: mean + n·std of healthy validation maps.
+  e.calibration_fraction = 0.2  # Zimmerer et al.: threshold chosen on 1/5, Dice on 4/5.
+  e.pixel_bins = 10_000  # histogram bins of the streaming pixel AUROC/AUPRC.
+  e.bootstrap = 50  # bootstrap resamples for the AUROC intervals (0 = off).
+  e.num_examples = 8  # images shown in the report's grids.
+  e.lesions = ml_collections.ConfigDict(dict(  # synthetic lesions for pixel evaluation
+      enabled=False,  # insert lesions into normal test images (when no masks exist)
+      kinds=("ellipse", "noise", "patch"), fraction=0.5, min_radius=0.08,
+      max_radius=0.2, intensity=0.6, noise_std=0.5, seed=0))
+
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 32  # global batch, split over every device of every host.
   t.num_epochs = 20

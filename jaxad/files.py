@@ -19,6 +19,7 @@ def atomic_path(path: str):
   os.close(fd)
   try:
     yield tmp
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

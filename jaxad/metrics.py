@@ -291,6 +291,20 @@ class PixelCurve:
     return _best_f1_from_counts(*self._groups())
 
 
+  def overlap_at(self, threshold: float) -> dict:
+    """Pooled Dice and IoU of `map >= threshold` against the masks seen so far.
+
+    In streaming mode a pixel counts as predicted when its bin's lower edge is at or
+    above the threshold: exact at bin edges, within one bin width elsewhere.
+    """
+    thresholds, pos, neg = self._groups()
+    above = thresholds >= threshold
+    tp, fp = int(pos[above].sum()), int(neg[above].sum())
+    fn = int(pos.sum()) - tp
+    return {"threshold": float(threshold), "dice": 2 * tp / max(2 * tp + fp + fn, 1),
+            "iou": tp / max(tp + fp + fn, 1)}
+
+
 def _check_range(value_range) -> tuple[float, float]:
   try:
     lo, hi = (float(v) for v in value_range)

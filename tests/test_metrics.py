@@ -307,3 +307,15 @@ def test_logistic_regression_auroc_monotone_and_random():
 def test_bad_input_raises_data_error(call, message):
   with pytest.raises(DataError, match=message):
     call()
+
+
+def test_pixel_curve_overlap_at_threshold_matches_dice_and_iou():
+  rng = np.random.default_rng(3)
+  maps = rng.random((20, 8, 8))
+  masks = (rng.random((20, 8, 8)) < 0.2).astype(np.uint8)
+  for exact in (True, False):
+    curve = metrics.PixelCurve(num_bins=1000, value_range=(0.0, 1.0), exact=exact)
+    curve.update(maps, masks)
+    got = curve.overlap_at(0.5)  # 0.5 is a bin edge: streaming is exact there too
+    assert got["dice"] == pytest.approx(metrics.dice(maps >= 0.5, masks), abs=1e-12)
+    assert got["iou"] == pytest.approx(metrics.iou(maps >= 0.5, masks), abs=1e-12)

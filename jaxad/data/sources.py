@@ -795,3 +795,40 @@ _LOADERS = {
     "digits": _digits_source,
     "synthetic": _synthetic_source,
 }
+
+
+# ----------------------------------------------------------------------------------
+# Unlabelled inputs for batch scoring.
+
+
+def unlabeled_source(path: str, ndim: int = 0) -> Source:
+  """Images to score with no labels: a folder (searched recursively) or an .npz file.
+
+  A folder is read file by file, so memory stays flat however many images it holds; an
+  .npz is loaded once (its `images` array, or its only `*_images` array). Every image
+  gets the class 'unlabeled', treated as normal.
+  """
+  if os.path.isdir(path):
+    files = sorted(os.path.relpath(os.path.join(d, f), path)
+                   for d, _, names in os.walk(path) for f in names
+                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+    if not files:
+      raise DataError(f"no images under {path} (looked for "
+                      f"{', '.join('*' + e for e in IMAGE_EXTS)}): check --input")
+    reader = lambda i: (decode_image(os.path.join(path, files[i])), None)
+    ids, spatial_ndim = files, 2
+  elif path.endswith(".npz") and os.path.isfile(path):
+    with np.load(path, allow_pickle=False) as f:
+      keys = [k for k in f.files if k == "images" or k.endswith("_images")]
+      if len(keys) != 1:
+        raise DataError(f"{path} must hold one image array named 'images' or "
+                        f"'<split>_images' (its keys: {list(f.files)}): check --input")
+      images, spatial_ndim = _npz_images(f[keys[0]], ndim, f"npz:{path}")
+    reader = lambda i: (images[i], None)
+    ids = [f"{keys[0]}/{i}" for i in range(len(images))]
+  else:
+    raise DataError(f"--input={path!r} is neither a folder of images nor an .npz file")
+  return Source(
+      name=f"input:{path}", class_names=("unlabeled",), labels=np.zeros(len(ids), np.int32),
+      ids=_str_array(ids), groups=None, has_masks=False, spatial_ndim=spatial_ndim,
+      reader=reader)

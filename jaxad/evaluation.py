@@ -1,0 +1,367 @@
+"""Evaluation: a workdir's latest checkpoint → every score → scores files, metrics, report.
+
+`evaluate(workdir, split)` scores every image of a split exactly once (padded batches
+carry `index` and `valid`), sample-wise with L samples in one pass and pixel-wise with
+`jax.grad` maps when masks (or synthetic lesions) exist. Pixel AUROC/AUPRC and Dice/IoU
+stream over histograms, so memory stays flat however large the split; maps, when
+saved, go to disk batch by batch. Every file is written atomically.
+"""
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxad import checkpoint, defaults, files, metrics, parallel, trainer
+from jaxad.data import lesions as lesions_lib
+from jaxad.data import pipeline, sources
+from jaxad.errors import CheckpointError, DataError
+from jaxad.scores import pixel, sample
+
+log = logging.getLogger("jaxad")
+EVAL, HEALTHY = 3, 4  # key purposes (trainer uses 0–2)
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if key not in config:
+      continue  # a key this version no longer has
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      _merge(config[key], value)
+    else:
+      config[key] = tuple(value) if isinstance(value, list) else value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The workdir's resolved config on top of today's defaults (new keys keep defaults)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} not found: {workdir} is not a training workdir "
+                          "(train first: python -m jaxad.train --workdir=...)")
+  config = defaults.get_config()
+  _merge(config, files.read_json(path))
+  return config
+
+
+def restore_variables(config, workdir: str, spatial_ndim: int, mesh):
+  """The model, likelihood and the latest checkpoint's variables, replicated on `mesh`."""
+  model, likelihood, tx = trainer.build(config, spatial_ndim)
+  shape = trainer.image_shape(config, spatial_ndim)
+  ckpt = checkpoint.Checkpoints(workdir)
+  try:
+    state = ckpt.restore(trainer.create_state(model, tx, shape, config.seed, mesh))
+  finally:
+    ckpt.close()
+  return model, likelihood, {"params": state.params, **state.model_state}, int(state.step)
+
+
+@functools.lru_cache(maxsize=8)
+def make_score_fn(model, likelihood, num_samples: int, smooth_sigma: float, with_maps: bool):
+  """One jitted pass: every sample-wise score, and the pixel maps when asked.
+
+  Cached, so evaluating several splits (or workdirs of one architecture) compiles once.
+  """
+  def score(variables, images, rng):
+    out = sample.sample_scores(model, variables, images, rng, likelihood, num_samples)
+    maps = pixel.pixel_maps(model, variables, images, jax.random.fold_in(rng, 1),
+                            likelihood, smooth_sigma=smooth_sigma) if with_maps else {}
+    return out, maps
+
+  return jax.jit(score)
+
+
+@functools.lru_cache(maxsize=8)
+def make_reconstruct_fn(model, likelihood):
+  """The reconstruction from the posterior mean, for the report's grid."""
+  def reconstruct(variables, images):
+    mu, _ = sample.encode(model, variables, images)
+    return likelihood.mean(sample.decode(model, variables, mu))
+  return jax.jit(reconstruct)
+
+
+class _MapFile:
+  """Pixel maps written to per-map .npy memmaps, zipped into maps.npz at the end."""
+
+  def __init__(self, path: str, n: int, spatial: tuple[int, ...], names):
+    self.path, self.tmp = path, tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".maps.")
+    self.arrays = {k: np.lib.format.open_memmap(os.path.join(self.tmp, f"{k}.npy"), "w+",
+                                                np.float32, (n, *spatial)) for k in names}
+
+  def write(self, positions: np.ndarray, maps: dict) -> None:
+    for k, v in maps.items():
+      self.arrays[k][positions] = v
+
+  def close(self, extra: dict) -> None:
+    for a in self.arrays.values():
+      a.flush()
+    with files.atomic_path(self.path) as tmp:
+      with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for k in self.arrays:
+          with open(os.path.join(self.tmp, f"{k}.npy"), "rb") as src, \
+               zf.open(f"{k}.npy", "w", force_zip64=True) as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        for k, v in extra.items():
+          with zf.open(f"{k}.npy", "w", force_zip64=True) as dst:
+            np.lib.format.write_array(dst, np.asarray(v))
+    self.arrays = {}
+    shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _batches(split, config, *, normal_only=False):
+  return pipeline.eval_batches(
+      split, config.data, global_batch=config.eval.batch_size, normal_only=normal_only,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def healthy_map_stats(score_fn, variables, split, config, mesh, seed) -> dict:
+  """Mean, std and max of each pixel map over healthy images (no anomalous data)."""
+  sums = {}
+  for i, batch in enumerate(_batches(split, config, normal_only=True)):
+    images = parallel.put_batch(batch["image"], mesh)
+    _, maps = score_fn(variables, images, jax.random.fold_in(
+        trainer.purpose_key(seed, HEALTHY), i))
+    valid = batch["valid"] > 0
+    for k, v in jax.device_get(maps).items():
+      v = v[valid].astype(np.float64)
+      s = sums.setdefault(k, [0.0, 0.0, 0, -np.inf])
+      s[0] += v.sum(); s[1] += (v * v).sum(); s[2] += v.size; s[3] = max(s[3], v.max())
+  stats = {}
+  for k, (s1, s2, n, mx) in sums.items():
+    mean = s1 / n
+    stats[k] = {"mean": mean, "std": float(np.sqrt(max(s2 / n - mean * mean, 0.0))),
+                "max": float(mx), "num_pixels": int(n)}
+  return stats
+
+
+def _pixel_metrics(curves: dict, stats: dict, config, healthy_source: str,
+                   num_calibration: int) -> dict:
+  out = {}
+  for name, (whole, calib, report) in curves.items():
+    m = {"auroc": whole.auroc(), "auprc": whole.auprc(), "clipped_pixels": whole.num_clipped}
+    thresholds = {}
+    try:
+      t, _ = calib.best_f1_threshold()
+      thresholds["calibrated"] = {**report.overlap_at(t), "chosen_on": (
+          f"calibration split: a random {config.eval.calibration_fraction:g} of the images "
+          f"({num_calibration}); Dice/IoU on the rest")}
+    except DataError as e:  # e.g. no lesion pixel in the calibration images
+      thresholds["calibrated"] = {"error": str(e)}
+    t, _ = whole.best_f1_threshold()
+    thresholds["pr_operating_point"] = {
+        **whole.overlap_at(t), "chosen_on": "the evaluated split itself (best F1 on its PR curve)"}
+    if name in stats:
+      t = stats[name]["mean"] + config.eval.n_sigma * stats[name]["std"]
+      thresholds["n_sigma"] = {**whole.overlap_at(t), "n_sigma": config.eval.n_sigma,
+                               "chosen_on": f"healthy {healthy_source} images only"}
+    m["thresholds"] = thresholds
+    out[name] = m
+  return out
+
+
+def _sample_metrics(scores, anomalous, class_of, normal_classes, groups, config) -> dict:
+  names = sorted(set(class_of))
+  out = {"sample": metrics.per_class_table(names, class_of, scores, normal_classes)}
+  if config.eval.bootstrap:
+    out["bootstrap"] = {
+        k: metrics.bootstrap(metrics.auroc, anomalous, v, num_resamples=config.eval.bootstrap,
+                             seed=config.seed, groups=groups, stratify=anomalous)
+        for k, v in scores.items()}
+  out["logistic_regression"] = {
+      k: metrics.logistic_regression_auroc(v, anomalous, seed=config.seed)
+      for k, v in scores.items()}
+  return out
+
+
+def _write_scores(out_dir, ids, index, class_of, anomalous, scores) -> None:
+  names = sorted(scores)
+  lines = ["id,index,class,anomalous," + ",".join(names)]
+  for i in range(len(ids)):
+    row = [str(ids[i]).replace(",", "_"), str(index[i]), str(class_of[i]), str(anomalous[i])]
+    lines.append(",".join(row + [f"{scores[k][i]:.9g}" for k in names]))
+  files.write_text(os.path.join(out_dir, "scores.csv"), "\n".join(lines) + "\n")
+  with files.atomic_path(os.path.join(out_dir, "scores.npz")) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, id=np.asarray(ids, str), index=index, class_name=np.asarray(class_of, str),
+               anomalous=anomalous, **scores)
+
+
+def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None,
+             config: ml_collections.ConfigDict | None = None, devices=None) -> dict:
+  """Scores a split (or the unlabelled images at `input_path`); returns the metrics.
+
+  Writes `workdir/eval/<split>/scores.{csv,npz}` (and `maps.npz` with eval.save_maps),
+  `workdir/eval/metrics.json` (one entry per split) and `workdir/eval/report.html`.
+  """
+  config = load_config(workdir) if config is None else config
+  e = config.eval
+  mesh = parallel.make_mesh(devices)
+  parallel.local_batch_size(e.batch_size, mesh)
+  if input_path:
+    source = sources.unlabeled_source(input_path, int(config.data.ndim))
+    data_split, name = pipeline.Split(source, np.array([0])), "input"
+  else:
+    data_split, name = pipeline.load_split(config.data, split), split
+  source = data_split.source
+  model, likelihood, variables, step = restore_variables(config, workdir, source.spatial_ndim,
+                                                         mesh)
+  spec = lesions_lib.spec_from_config(e.lesions, "eval.lesions") \
+      if e.lesions.enabled and not input_path else None
+  with_maps = bool(e.pixel_maps and (source.has_masks or spec is not None or
+                                     (input_path and e.save_maps)))
+  score_fn = make_score_fn(model, likelihood, int(e.num_samples), float(e.smooth_sigma),
+                           with_maps)
+  out_dir = os.path.join(workdir, "eval", name)
+  os.makedirs(out_dir, exist_ok=True)
+
+  # Healthy statistics: the N-sigma threshold and the histogram range of every map.
+  stats, healthy_source = {}, None
+  if with_maps and not input_path:
+    healthy = pipeline.load_split(config.data, "val")
+    healthy_source = "validation"
+    if healthy is None:
+      healthy = pipeline.load_split(config.data, "train")
+      healthy_source = "training"
+    stats = healthy_map_stats(score_fn, variables, healthy, config, mesh, config.seed)
+
+  positions = np.arange(len(source)) if spec is None else data_split.normal_indices
+  n = len(positions)
+  calib_idx, _ = metrics.calibration_split(n, e.calibration_fraction, config.seed) \
+      if n >= 5 else (np.arange(0), None)
+  is_calib = np.zeros(n, bool)
+  is_calib[calib_idx] = True
+  curves = {}
+  map_file = None
+  shape = trainer.image_shape(config, source.spatial_ndim)
+  if with_maps and e.save_maps:
+    map_file = _MapFile(os.path.join(out_dir, "maps.npz"), n, shape[:-1], pixel.PIXEL_MAPS)
+
+  index, anomalous, class_of = [], [], []
+  scores = {k: [] for k in sample.SAMPLE_SCORES}
+  examples = {"normal": [], "anomalous": []}
+  seen = 0
+  key = trainer.purpose_key(config.seed, EVAL)
+  from tqdm.auto import tqdm
+  bar = tqdm(total=n, unit="img", disable=jax.process_index() != 0, mininterval=1.0,
+             desc=f"scoring {name}")
+  for b, batch in enumerate(_batches(data_split, config, normal_only=spec is not None)):
+    images = batch["image"]
+    is_anomalous, mask = batch["anomalous"], batch.get("mask")
+    if spec is not None:
+      images, mask, is_anomalous = lesions_lib.add_lesions(images, batch["index"], spec)
+    out, maps = jax.device_get(score_fn(variables, parallel.put_batch(images, mesh),
+                                        jax.random.fold_in(key, b)))
+    valid = batch["valid"] > 0
+    rows = np.arange(seen, seen + int(valid.sum()))
+    seen += len(rows)
+    index.append(batch["index"][valid])
+    anomalous.append(is_anomalous[valid])
+    for k in scores:
+      scores[k].append(out[k][valid])
+    labels = batch["label"][valid]
+    names = np.asarray(source.class_names)[labels].astype(object)
+    if spec is not None:
+      names[is_anomalous[valid] > 0] = "lesion"
+    class_of.append(names)
+    if maps and mask is not None:
+      for k, v in maps.items():
+        if k not in curves:
+          hi = 4.0 * stats[k]["max"] if k in stats and stats[k]["max"] > 0 else None
+          curves[k] = [metrics.PixelCurve(e.pixel_bins, None if hi is None else (0.0, hi))
+                       for _ in range(3)]
+        v, m, calib = v[valid], mask[valid][..., 0], is_calib[rows]
+        for curve, keep in zip(curves[k], (slice(None), calib, ~calib)):
+          if len(v[keep]):
+            curve.update(v[keep], m[keep])
+    if map_file is not None:
+      map_file.write(rows, {k: v[valid] for k, v in maps.items()})
+    for j in np.flatnonzero(valid):
+      kind = "anomalous" if is_anomalous[j] else "normal"
+      if len(examples[kind]) < e.num_examples // 2:
+        examples[kind].append({"id": str(source.ids[batch["index"][j]]),
+                               "image": images[j],
+                               "mask": None if mask is None else mask[j, ..., 0],
+                               "maps": {k: v[j] for k, v in maps.items()}})
+    bar.update(len(rows))
+  bar.close()
+
+  index = np.concatenate(index)
+  anomalous = np.concatenate(anomalous).astype(np.int32)
+  class_of = np.concatenate(class_of).astype(str)
+  scores = {k: np.concatenate(v).astype(np.float64) for k, v in scores.items()}
+  ids = source.ids[index]
+  if jax.process_index() == 0:
+    _write_scores(out_dir, ids, index, class_of, anomalous, scores)
+  if map_file is not None:
+    map_file.close({"index": index, "id": np.asarray(ids, str)})
+  if not np.all(np.isfinite(np.stack(list(scores.values())))):
+    bad = [k for k, v in scores.items() if not np.all(np.isfinite(v))]
+    raise FloatingPointError(f"non-finite scores {bad}: the checkpoint may have diverged")
+
+  result = {"split": name, "step": step, "num_images": int(len(index)),
+            "num_anomalous": int(anomalous.sum()), "num_samples": e.num_samples,
+            "synthetic_lesions": spec is not None}
+  if not input_path and 0 < anomalous.sum() < len(anomalous):
+    normal_names = sorted(set(class_of[anomalous == 0]))
+    groups = None if source.groups is None else source.groups[index]
+    result.update(_sample_metrics(scores, anomalous, class_of, normal_names, groups, config))
+  if curves:
+    result["pixel"] = _pixel_metrics(curves, stats, config, healthy_source,
+                                     int(is_calib.sum()))
+  if stats:
+    result["healthy_map_stats"] = stats
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "eval", "metrics.json")
+    everything = files.read_json(path) if os.path.exists(path) else {}
+    everything[name] = result
+    files.write_json(path, everything)
+    if not input_path:
+      _write_report(workdir, config, name, result, scores, class_of, anomalous, examples,
+                    variables, model, likelihood, mesh)
+  return result
+
+
+def _write_report(workdir, config, name, result, scores, class_of, anomalous, examples,
+                  variables, model, likelihood, mesh) -> None:
+  from jaxad import report
+  chosen = examples["normal"] + examples["anomalous"]
+  grid = None
+  if chosen:
+    images = np.stack([x["image"] for x in chosen])
+    recon = jax.device_get(make_reconstruct_fn(model, likelihood)(variables, images))
+    grid = {"ids": [x["id"] for x in chosen], "images": images, "reconstructions": recon}
+    if chosen[0]["maps"]:
+      grid["maps"] = {k: np.stack([x["maps"][k] for x in chosen]) for k in chosen[0]["maps"]}
+    if chosen[0]["mask"] is not None:
+      grid["masks"] = np.stack([x["mask"] for x in chosen])
+  report.write_report(os.path.join(workdir, "eval"), title=f"jaxad evaluation: {name} split",
+                      metrics=result, scores=scores, class_names=class_of,
+                      anomalous=anomalous, examples=grid)
+
+
+def headline_table(result: dict) -> str:
+  """The numbers people look for first, as a plain-text table."""
+  lines = [f"{result['split']}: {result['num_images']} images, "
+           f"{result['num_anomalous']} anomalous (checkpoint step {result['step']})"]
+  if "sample" in result:
+    lines.append(f"{'score':<10} {'AUROC':>7} {'AUPRC':>7} {'95% CI':>15} {'logreg':>7}")
+    for k, row in result["sample"].items():
+      ci = result.get("bootstrap", {}).get(k)
+      ci = f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
+      lr = result["logistic_regression"][k]["auroc"]
+      lines.append(f"{k:<10} {row['all']['auroc']:>7.3f} {row['all']['auprc']:>7.3f} "
+                   f"{ci:>15} {lr:>7.3f}")
+  if "pixel" in result:
+    lines.append(f"{'map':<10} {'pxAUROC':>7} {'pxAUPRC':>7} {'Dice@cal':>8} {'Dice@PR':>8} "
+                 f"{'Dice@Nσ':>8}")
+    for k, m in result["pixel"].items():
+      t = m["thresholds"]
+      dice = lambda key: f"{t[key]['dice']:.3f}" if "dice" in t.get(key, {}) else "-"
+      lines.append(f"{k:<10} {m['auroc']:>7.3f} {m['auprc']:>7.3f} {dice('calibrated'):>8} "
+                   f"{dice('pr_operating_point'):>8} {dice('n_sigma'):>8}")
+  return "\n".join(lines)

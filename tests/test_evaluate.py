@@ -1,0 +1,176 @@
+"""The eval binary: every image once, every score, metrics, maps, report, batch scoring."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxad import evaluation, metrics, trainer
+from jaxad.data import pipeline
+from jaxad.errors import CheckpointError
+from jaxad.scores import pixel, sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses share compiled programs, so each one does not recompile the score function.
+SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2",
+                      JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
+                                                             "jaxad-test-jax-cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A conv VAE trained on 16×16 synthetic images (test split has lesions and masks)."""
+  from conftest import tiny_config
+  config = tiny_config(**{"data.image_size": 16, "data.synthetic.image_size": 16,
+                          "data.synthetic.num_examples": 96, "model.widths": (8, 16),
+                          "model.latent_dim": 8, "train.num_steps": 150,
+                          "train.log_every_steps": 50, "train.checkpoint_every_steps": 150,
+                          "eval.batch_size": 40, "eval.num_samples": 5,
+                          "eval.bootstrap": 10})
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  trainer.train_and_evaluate(config, workdir)
+  return workdir, config
+
+
+def _rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+  """One evaluation on all 8 devices, maps saved; its files are read by several tests."""
+  workdir, config = trained
+  config = config.copy_and_resolve_references()
+  config.eval.save_maps = True
+  result = evaluation.evaluate(workdir, config=config)
+  rows = _rows(os.path.join(workdir, "eval", "test", "scores.csv"))
+  return workdir, config, result, rows
+
+
+def test_every_image_scored_once_on_1_and_8_devices(evaluated):
+  workdir, config, eight, rows_eight = evaluated
+  n = len(pipeline.load_split(config.data, "test").source)
+  assert n % config.eval.batch_size  # the last batch is padded
+  assert len(rows_eight) == n == eight["num_images"]
+  assert [int(r["index"]) for r in rows_eight] == list(range(n))  # once each, in order
+  assert set(rows_eight[0]) >= {"id", "class", "anomalous", *sample.SAMPLE_SCORES}
+  one = evaluation.evaluate(workdir, config=config, split="test", devices=jax.devices()[:1])
+  rows_one = _rows(os.path.join(workdir, "eval", "test", "scores.csv"))
+  assert len(rows_one) == one["num_images"] == n
+  for a, b in zip(rows_one, rows_eight):
+    assert a["index"] == b["index"]
+    for k in sample.SAMPLE_SCORES:
+      assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-4, abs=1e-3)
+
+
+def test_metrics_json_has_every_section(evaluated):
+  workdir, _, result, _ = evaluated
+  saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))["test"]
+  assert set(saved["sample"]) == set(sample.SAMPLE_SCORES)
+  assert set(saved["sample"]["vae"]) == {"anomalous", "all"}
+  assert set(saved["pixel"]) == set(pixel.PIXEL_MAPS)
+  for m in saved["pixel"].values():
+    assert set(m["thresholds"]) == {"calibrated", "pr_operating_point", "n_sigma"}
+    assert "healthy validation" in m["thresholds"]["n_sigma"]["chosen_on"]
+    assert "calibration" in m["thresholds"]["calibrated"]["chosen_on"]
+  for k in sample.SAMPLE_SCORES:
+    ci = saved["bootstrap"][k]
+    assert ci["low"] <= ci["estimate"] <= ci["high"]
+  # The synthetic lesions are bright ellipses: reconstruction-based maps find them.
+  assert result["pixel"]["rec_error"]["auroc"] > 0.75
+  assert result["pixel"]["combi"]["auroc"] > 0.7
+  assert result["sample"]["vae_rec"]["all"]["auroc"] > 0.6
+  print(evaluation.headline_table(result))
+
+
+def test_report_files_are_valid(evaluated):
+  workdir = evaluated[0]
+  html = open(os.path.join(workdir, "eval", "report.html")).read()
+  assert "vae_rec" in html and "http" not in html.lower().replace("http-equiv", "")
+  figures = os.path.join(workdir, "eval", "figures")
+  pngs = [f for f in os.listdir(figures) if f.endswith(".png")]
+  assert len(pngs) >= 2 * len(sample.SAMPLE_SCORES)
+  for f in pngs:
+    with Image.open(os.path.join(figures, f)) as im:
+      im.verify()
+
+
+def test_saved_maps_and_streaming_pixel_auroc_match_exact(evaluated):
+  workdir, config, result, _ = evaluated
+  with np.load(os.path.join(workdir, "eval", "test", "maps.npz")) as f:
+    maps = {k: f[k] for k in pixel.PIXEL_MAPS}
+    index = f["index"]
+  split = pipeline.load_split(config.data, "test")
+  masks = np.stack([split.source.read(int(i))[1][..., 0] for i in index])
+  assert maps["rec_error"].shape == masks.shape == (len(index), 16, 16)
+  for k in pixel.PIXEL_MAPS:
+    exact = metrics.auroc(masks.reshape(-1), maps[k].reshape(-1))
+    assert result["pixel"][k]["auroc"] == pytest.approx(exact, abs=1e-3)
+
+
+def test_synthetic_lesions_give_pixel_metrics_without_masks(trained, tmp_path):
+  workdir, config = trained
+  config = config.copy_and_resolve_references()
+  config.data.source = "digits"
+  config.data.normal_classes = ()
+  config.data.anomalous_classes = (9,)
+  config.data.image_size = 16
+  # The digits model is not trained: only the machinery (lesions → masks → curves) counts.
+  config.eval.lesions.enabled = True
+  result = evaluation.evaluate(workdir, config=config)
+  assert result["synthetic_lesions"] and 0 < result["num_anomalous"] < result["num_images"]
+  assert set(result["pixel"]) == set(pixel.PIXEL_MAPS)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(CheckpointError, match="not a training workdir"):
+    evaluation.evaluate(str(tmp_path))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "jaxad.evaluate", *args], cwd=ROOT,
+                        env=SUBPROCESS_ENV,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _peak_rss_kib(workdir, folder):
+  code = ("import resource, sys; from jaxad import evaluation;"
+          f"evaluation.evaluate({workdir!r}, input_path={folder!r});"
+          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=SUBPROCESS_ENV,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_batch_scoring_cli_and_flat_memory(trained, tmp_path):
+  workdir, _ = trained
+  rng = np.random.default_rng(0)
+  folders = {}
+  for n in (200, 800):
+    folder = tmp_path / f"input{n}"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(n):
+      Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(
+          folder / ("sub" if i % 2 else "") / f"{i}.png")
+    folders[n] = str(folder)
+  run = _cli(f"--workdir={workdir}", f"--input={folders[200]}")  # also warms the cache
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = _rows(os.path.join(workdir, "eval", "input", "scores.csv"))
+  assert len(rows) == 200 and all(np.isfinite(float(r["vae"])) for r in rows)
+  small, large = _peak_rss_kib(workdir, folders[200]), _peak_rss_kib(workdir, folders[800])
+  assert large < small * 1.05 + 20_000, (small, large)  # 4× the images, flat memory
+
+
+def test_cli_rejects_unknown_override(trained):
+  workdir, _ = trained
+  bad = _cli(f"--workdir={workdir}", "--config.eval.num_smaples=3")
+  assert bad.returncode != 0 and "num_smaples" in bad.stderr
