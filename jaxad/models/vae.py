@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from jaxad.errors import ConfigError
+from jaxad.models import layers
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.2),
@@ -145,7 +146,9 @@ class ConvDecoder(nn.Module):
     features = (*reversed(self.widths), self.out_channels)
     for i, width in enumerate(features):
       first, last = i == 0, i == len(features) - 1
-      x = nn.ConvTranspose(
+      # layers.ConvTranspose: nn.ConvTranspose's function and parameters, with a fast
+      # backward pass on XLA:CPU.
+      x = layers.ConvTranspose(
           width, (4,) * ndim, strides=(1 if first else 2,) * ndim,
           padding="VALID" if first else "SAME", use_bias=last or not use_bn,
           name=f"deconv_{i}")(x)
