@@ -42,6 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.synthetic = ml_collections.ConfigDict(dict(
       num_examples=64, image_size=32, channels=1, anomaly_fraction=0.5))
 
+  d.synthetic_lesions = ml_collections.ConfigDict(dict(  # for pixel-wise evaluation
+      enabled=False,  # eval: insert lesions (with masks) into the normal test images
+      kinds=("ellipse", "noise", "patch"), fraction=0.5, min_radius=0.08,
+      max_radius=0.2, intensity=0.6, noise_std=0.5, seed=0))
+
   c.model = m = ml_collections.ConfigDict()
   m.family = "vae"  # vae (score and gan come with their issues)
   m.name = "conv_vae"  # conv_vae | mlp_vae
@@ -67,10 +72,6 @@ def get_config() -> ml_collections.ConfigDict:
   e.pixel_bins = 10_000  # histogram bins of the streaming pixel AUROC/AUPRC.
   e.bootstrap = 50  # bootstrap resamples for the AUROC intervals (0 = off).
   e.num_examples = 8  # images shown in the report's grids.
-  e.lesions = ml_collections.ConfigDict(dict(  # synthetic lesions for pixel evaluation
-      enabled=False,  # insert lesions into normal test images (when no masks exist)
-      kinds=("ellipse", "noise", "patch"), fraction=0.5, min_radius=0.08,
-      max_radius=0.2, intensity=0.6, noise_std=0.5, seed=0))
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 32  # global batch, split over every device of every host.

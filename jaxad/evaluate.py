@@ -4,8 +4,8 @@ Loads DIR/config.json and the latest checkpoint, computes every sample-wise scor
 when masks or synthetic lesions exist, every pixel map; writes DIR/eval/<split>/scores.csv
 and .npz, DIR/eval/metrics.json and DIR/eval/report.html, and prints the headline table.
 Any config value can be overridden (`--config.eval.num_samples=100`,
-`--config.eval.lesions.enabled=True`). `--input=PATH` scores an unlabelled image folder
-or .npz instead (batch scoring, flat memory).
+`--config.data.synthetic_lesions.enabled=True`). `--input=PATH` scores an unlabelled
+image folder or .npz instead (batch scoring, flat memory).
 """
 
 import os

@@ -210,8 +210,9 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   source = data_split.source
   model, likelihood, variables, step = restore_variables(config, workdir, source.spatial_ndim,
                                                          mesh)
-  spec = lesions_lib.spec_from_config(e.lesions, "eval.lesions") \
-      if e.lesions.enabled and not input_path else None
+  lesion_cfg = config.data.synthetic_lesions
+  spec = lesions_lib.spec_from_config(lesion_cfg, "data.synthetic_lesions") \
+      if lesion_cfg.enabled and not input_path else None
   with_maps = bool(e.pixel_maps and (source.has_masks or spec is not None or
                                      (input_path and e.save_maps)))
   score_fn = make_score_fn(model, likelihood, int(e.num_samples), float(e.smooth_sigma),

@@ -124,7 +124,7 @@ def test_synthetic_lesions_give_pixel_metrics_without_masks(trained, tmp_path):
   config.data.anomalous_classes = (9,)
   config.data.image_size = 16
   # The digits model is not trained: only the machinery (lesions → masks → curves) counts.
-  config.eval.lesions.enabled = True
+  config.data.synthetic_lesions.enabled = True
   result = evaluation.evaluate(workdir, config=config)
   assert result["synthetic_lesions"] and 0 < result["num_anomalous"] < result["num_images"]
   assert set(result["pixel"]) == set(pixel.PIXEL_MAPS)

@@ -1,5 +1,6 @@
 """The training loop: compile once, resume bit-for-bit, 1 vs 8 devices, workdir, errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -136,13 +137,14 @@ def test_batch_larger_than_data(make_config, tmp_path):
     trainer.train_and_evaluate(make_config(**{"train.batch_size": 128}), str(tmp_path))
 
 
-def _cli(*args, cwd=ROOT):
+def _cli(*args, binary="jaxad.train"):
   env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "jaxad.train", *args], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, "-m", binary, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
-def test_cli_trains_and_rejects_mistyped_override(tmp_path):
+def test_cli_trains_evaluates_and_rejects_mistyped_override(tmp_path):
+  """End to end on the default digits config: train briefly, evaluate, report exists."""
   small = ["--config=configs/digits_vae.py", f"--workdir={tmp_path}",
            "--config.train.num_steps=3", "--config.data.image_size=8",
            "--config.model.widths=(8,)", "--config.train.progress_bar=False"]
@@ -153,3 +155,10 @@ def test_cli_trains_and_rejects_mistyped_override(tmp_path):
   bad = _cli(*small, "--config.model.latnet_dim=3")
   assert bad.returncode != 0
   assert "latnet_dim" in bad.stderr
+  evaluated = _cli(f"--workdir={tmp_path}", "--config.eval.num_samples=3",
+                   "--config.eval.bootstrap=5", binary="jaxad.evaluate")
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  assert "vae_rec" in evaluated.stdout  # the headline table
+  for path in ("eval/metrics.json", "eval/report.html", "eval/test/scores.csv"):
+    assert os.path.exists(tmp_path / path), path
+  assert "9" in json.load(open(tmp_path / "eval/metrics.json"))["test"]["sample"]["vae"]
