@@ -22,5 +22,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+bench: install
+	$(PY) -m jaxad.bench --quick
+
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache
