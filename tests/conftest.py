@@ -8,6 +8,11 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+import functools  # noqa: E402
+import math  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -42,3 +47,24 @@ def tiny_config(**overrides):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+def numpy_variables(model, image_shape, seed=0):
+  """init's variable structure filled from NumPy (fan-in scaled weights, BN identity).
+
+  Avoids compiling the PRNG initialisers, which costs seconds per shape on this CPU.
+  """
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "batch_stats" in name:
+      return jnp.zeros(leaf.shape) if "mean" in name else jnp.ones(leaf.shape)
+    if "scale" in name:
+      return jnp.ones(leaf.shape)
+    fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1
+    return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(fan_in), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import numpy_variables
 from jaxad.errors import ConfigError
 from jaxad.models import vae
 
@@ -26,21 +27,6 @@ def abstract_variables(model, image_shape, batch=1):
 def count(tree) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
-
-def numpy_variables(model, image_shape, seed=0):
-  """Variables with init's structure, filled from NumPy (fan-in scaled weights)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "batch_stats" in name:
-      return jnp.zeros(leaf.shape) if "mean" in name else jnp.ones(leaf.shape)
-    if "scale" in name:
-      return jnp.ones(leaf.shape)
-    fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1
-    return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(fan_in), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract_variables(model, image_shape))
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import numpy_variables
 from jaxad.errors import ConfigError
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as lik
@@ -182,22 +183,7 @@ def test_bernoulli_training_loss_with_beta_one_is_neg_elbo():
 # --------------------------------------------------------------------- vae_terms
 
 
-def numpy_params(model, image_shape, seed=0):
-  """init's variable structure, filled from NumPy (no PRNG initialisers to compile)."""
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "batch_stats" in name:
-      return jnp.zeros(leaf.shape) if "mean" in name else jnp.ones(leaf.shape)
-    if "scale" in name:
-      return jnp.ones(leaf.shape)
-    fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1
-    return f32(rng.normal(size=leaf.shape) / math.sqrt(fan_in))
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
+numpy_params = numpy_variables
 
 
 IMAGE_SHAPE = (8, 8, 1)

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import ndimage, special, stats
 
+from conftest import numpy_variables
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as lik
 from jaxad.scores import (PIXEL_MAPS, SAMPLE_SCORES, gaussian_smooth, pixel_maps,
@@ -34,19 +35,7 @@ def f64(a):
 
 def init(model, x, seed=0):
   """init's variable structure filled from NumPy: no PRNG initialisers to compile."""
-  rng = np.random.default_rng(seed)
-  abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "batch_stats" in name:
-      return jnp.zeros(leaf.shape) if "mean" in name else jnp.ones(leaf.shape)
-    if "scale" in name:
-      return jnp.ones(leaf.shape)
-    fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1
-    return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(fan_in), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
+  return numpy_variables(model, x.shape[1:], seed)
 
 
 @functools.cache
