@@ -15,7 +15,7 @@ from jaxad import defaults
 
 
 def get_config():
-  c = defaults.get_config()
+  c = defaults.use_zimmerer_schedule(defaults.get_config())
   c.data.source = "folder"
   c.data.path = ""
   c.data.val_split = "val"
@@ -31,11 +31,4 @@ def get_config():
   c.model.decoder_activation = "leaky_relu"
   c.model.likelihood = "gaussian"
   c.model.beta = 1.0
-  c.train.batch_size = 64
-  c.train.num_epochs = 100
-  c.train.learning_rate = 1e-4
-  c.train.plateau_patience = 2
-  c.train.early_stop_patience = 3
-  c.train.checkpoint_every_steps = 1000
-  c.train.log_every_steps = 100
   return c

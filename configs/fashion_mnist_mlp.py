@@ -12,7 +12,7 @@ from jaxad import defaults
 
 
 def get_config():
-  c = defaults.get_config()
+  c = defaults.use_zimmerer_schedule(defaults.get_config())
   c.data.source = "tfds"
   c.data.name = "fashion_mnist"
   c.data.train_split = "train"
@@ -27,11 +27,4 @@ def get_config():
   c.model.latent_dim = 20
   c.model.likelihood = "gaussian"
   c.model.beta = 2.0  # c = σ² = β/2 = 1
-  c.train.batch_size = 64
-  c.train.num_epochs = 100
-  c.train.learning_rate = 1e-4
-  c.train.plateau_patience = 2
-  c.train.early_stop_patience = 3
-  c.train.checkpoint_every_steps = 1000
-  c.train.log_every_steps = 100
   return c

@@ -115,3 +115,17 @@ def use_dcgan128_vae(config: ml_collections.ConfigDict) -> ml_collections.Config
   t.checkpoint_every_steps = 1000
   t.log_every_steps = 100
   return config
+
+
+def use_zimmerer_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Zimmerer et al.'s optimisation: Adam 1e-4, ×0.1 on a validation plateau, stop
+  after 3 epochs without improvement (batch 64, at most 100 epochs)."""
+  t = config.train
+  t.batch_size = 64
+  t.num_epochs = 100
+  t.learning_rate = 1e-4
+  t.plateau_patience = 2
+  t.early_stop_patience = 3
+  t.checkpoint_every_steps = 1000
+  t.log_every_steps = 100
+  return config

@@ -8,7 +8,6 @@ saved, go to disk batch by batch. Every file is written atomically.
 """
 
 import functools
-import logging
 import os
 import shutil
 import tempfile
@@ -24,7 +23,6 @@ from jaxad.data import pipeline, sources
 from jaxad.errors import CheckpointError, DataError
 from jaxad.scores import pixel, sample
 
-log = logging.getLogger("jaxad")
 EVAL, HEALTHY = 3, 4  # key purposes (trainer uses 0–2)
 
 
@@ -129,8 +127,9 @@ def healthy_map_stats(score_fn, variables, split, config, mesh, seed) -> dict:
     valid = batch["valid"] > 0
     for k, v in jax.device_get(maps).items():
       v = v[valid].astype(np.float64)
-      s = sums.setdefault(k, [0.0, 0.0, 0, -np.inf])
-      s[0] += v.sum(); s[1] += (v * v).sum(); s[2] += v.size; s[3] = max(s[3], v.max())
+      total, squares, count, peak = sums.get(k, (0.0, 0.0, 0, -np.inf))
+      sums[k] = (total + v.sum(), squares + (v * v).sum(), count + v.size,
+                 max(peak, float(v.max())))
   stats = {}
   for k, (s1, s2, n, mx) in sums.items():
     mean = s1 / n
