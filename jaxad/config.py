@@ -12,8 +12,11 @@ import ml_collections
 from jaxad.errors import CheckpointError, ConfigError
 
 SOURCES = ("tfds", "folder", "csv", "npz", "digits", "synthetic")
+MODEL_NAMES = {"vae": ("conv_vae", "mlp_vae"), "score": ("unet",)}
 # Keys whose change makes an existing checkpoint unusable (parameter shapes, data shapes).
 ARCHITECTURE_KEYS = ("model", "data.image_size", "data.depth", "data.channels")
+# Keys whose being on (> 0) or off changes the train state's structure.
+SWITCH_KEYS = ("train.ema_rate", "train.warmup_steps", "train.grad_clip")
 
 
 def _choice(value, valid, key):
@@ -48,10 +51,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(d.image_size, "data.image_size")
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-  _choice(m.family, ("vae",), "model.family")
-  _choice(m.likelihood, ("gaussian", "bernoulli"), "model.likelihood")
-  _positive(m.beta, "model.beta")
-  _positive(m.latent_dim, "model.latent_dim")
+  _choice(m.family, tuple(MODEL_NAMES), "model.family")
+  _choice(m.name, MODEL_NAMES[m.family], "model.name")
+  if m.family == "vae":
+    _choice(m.likelihood, ("gaussian", "bernoulli"), "model.likelihood")
+    _positive(m.beta, "model.beta")
+    _positive(m.latent_dim, "model.latent_dim")
+  if m.family == "score":
+    _validate_score_eval(config.eval)
   _positive(t.batch_size, "train.batch_size")
   _positive(t.learning_rate, "train.learning_rate")
   _positive(t.checkpoint_every_steps, "train.checkpoint_every_steps")
@@ -60,9 +67,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(t.num_epochs, "train.num_epochs")
   if not 0.0 < t.plateau_factor < 1.0:
     raise ConfigError(f"train.plateau_factor={t.plateau_factor} must be in (0, 1)")
-  for key in ("plateau_patience", "early_stop_patience"):
+  for key in ("plateau_patience", "early_stop_patience", "warmup_steps", "grad_clip"):
     if t[key] < 0:
       raise ConfigError(f"train.{key}={t[key]} must be >= 0 (0 turns it off)")
+  if not 0.0 <= t.ema_rate < 1.0:
+    raise ConfigError(f"train.ema_rate={t.ema_rate} must be in [0, 1) (0 turns it off; "
+                      "0.999 or 0.9999 are usual)")
+
+
+def _validate_score_eval(e: ml_collections.ConfigDict) -> None:
+  for key in ("t", "dsm_t", "top_k_fraction"):
+    if not 0.0 < e.sano[key] <= 1.0:
+      raise ConfigError(f"eval.sano.{key}={e.sano[key]} must be in (0, 1]")
+  if e.sano.smooth_sigma < 0:
+    raise ConfigError(f"eval.sano.smooth_sigma={e.sano.smooth_sigma} must be >= 0 (0 = off)")
+  _positive(e.sano.dsm_samples, "eval.sano.dsm_samples")
+  if e.prob_flow.enabled:
+    _positive(e.prob_flow.steps, "eval.prob_flow.steps")
+    _positive(e.prob_flow.probes, "eval.prob_flow.probes")
+    if e.prob_flow.levels == 1 or e.prob_flow.levels < 0:
+      raise ConfigError(f"eval.prob_flow.levels={e.prob_flow.levels} must be 0 (continuous "
+                        "data) or the number of intensity levels (256 for 8-bit images)")
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -97,7 +122,12 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: st
   now = to_dict(config)
   diffs = [d for key in ARCHITECTURE_KEYS
            for d in _diff(_lookup(saved, key), _lookup(now, key), key)]
+  for key in SWITCH_KEYS:
+    was, is_ = bool(_lookup(saved, key) or 0), bool(_lookup(now, key) or 0)
+    if was != is_:
+      diffs.append(f"{key}: {'on' if was else 'off'} in the workdir, {'on' if is_ else 'off'} now")
   if diffs:
     raise CheckpointError(
-        f"the checkpoint in {workdir} was trained with a different model or image shape ("
+        f"the checkpoint in {workdir} was trained with a different model, image shape "
+        f"or optimiser state ("
         + "; ".join(diffs) + "): use a new --workdir, or the workdir's config.json")

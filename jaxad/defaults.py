@@ -48,8 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
       max_radius=0.2, intensity=0.6, noise_std=0.5, seed=0))
 
   c.model = m = ml_collections.ConfigDict()
-  m.family = "vae"  # vae (score and gan come with their issues)
-  m.name = "conv_vae"  # conv_vae | mlp_vae
+  m.family = "vae"  # vae | score (SANO's VP-SDE score model)
+  m.name = "conv_vae"  # vae: conv_vae | mlp_vae; score: unet
   m.latent_dim = 16
   m.widths = (16, 32, 64)  # conv: channels per stride-2 block; () = DCGAN default.
   m.base_width = 32  # conv: first width of the DCGAN default.
@@ -60,6 +60,21 @@ def get_config() -> ml_collections.ConfigDict:
   m.activation = "relu"  # mlp: activation of the hidden layers.
   m.likelihood = "gaussian"  # gaussian: N(g(z), beta/2 I); bernoulli: logits.
   m.beta = 0.01  # loss = SSE + beta·KL = beta·(−ELBO) + const (Lu & Xu).
+  m.unet = ml_collections.ConfigDict(dict(  # score: DDPM ε-prediction U-Net
+      base_width=64,  # channels of the first level; time embedding 4× this.
+      channel_mult=(1, 2, 2, 2),  # width multiplier per level (one stride-2 step between).
+      num_res_blocks=2,  # residual blocks per level (the up path has one more).
+      attention_resolutions=(16,),  # self-attention at these feature-map sides.
+      dropout=0.0,
+      groups=32,  # GroupNorm groups (fewer when a width is smaller).
+      embedding="sinusoidal",  # time embedding: sinusoidal | fourier
+      fourier_scale=16.0))
+  m.sde = ml_collections.ConfigDict(dict(  # score: the VP-SDE (Song et al. 2021)
+      beta_min=0.1, beta_max=20.0,  # β(t) linear on t ∈ [0, 1]
+      num_scales=1000,  # N: the discrete form has β_i = linspace(β_min/N, β_max/N, N)
+      discrete=False,  # True: DDPM's N-step chain (t on the grid i/(N−1))
+      t_eps=1e-5,  # continuous: training t ~ U(t_eps, 1)
+      weighting="sigma2"))  # DSM weight λ(t): sigma2 (σ_t², usual) | likelihood (β(t))
 
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 64  # global batch for scoring (padded; every image scored once).
@@ -72,6 +87,17 @@ def get_config() -> ml_collections.ConfigDict:
   e.pixel_bins = 10_000  # histogram bins of the streaming pixel AUROC/AUPRC.
   e.bootstrap = 50  # bootstrap resamples for the AUROC intervals (0 = off).
   e.num_examples = 8  # images shown in the report's grids.
+  e.sano = ml_collections.ConfigDict(dict(  # score models (Gonzalez-Jimenez et al.)
+      t=1e-3,  # the map: score s(x, t) of the clean image at this small t
+      smooth_sigma=2.0,  # gaussian filter of the map (pixels)
+      top_k_fraction=0.01,  # sano_topk: mean of the largest 1% of map values
+      dsm_t=0.05,  # dsm score: the DSM loss at this t...
+      dsm_samples=4))  # ...averaged over this many noise draws
+  e.prob_flow = ml_collections.ConfigDict(dict(  # score: exact likelihood (optional)
+      enabled=False,  # add prob_flow_nll (nats/image) and prob_flow_bpd
+      steps=50,  # RK4 steps of the probability-flow ODE from t_eps to 1
+      probes=1,  # Rademacher probes of the Hutchinson trace estimator
+      levels=256))  # intensity levels for dequantisation (0 = continuous data)
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 32  # global batch, split over every device of every host.
@@ -81,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9
   t.b2 = 0.999
   t.eps = 1e-8
+  t.warmup_steps = 0  # linear learning-rate warm-up over this many steps (0 = off).
+  t.grad_clip = 0.0  # clip the global gradient norm to this (0 = off).
+  t.ema_rate = 0.0  # keep an EMA of the parameters, used by eval (0 = off).
   t.plateau_patience = 0  # epochs without val improvement before lr×factor (0 = off).
   t.plateau_factor = 0.1
   t.early_stop_patience = 0  # epochs without val improvement before stopping (0 = off).

@@ -21,7 +21,6 @@ from jaxad import checkpoint, defaults, files, metrics, parallel, trainer
 from jaxad.data import lesions as lesions_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import CheckpointError, DataError
-from jaxad.scores import pixel, sample
 
 EVAL, HEALTHY = 3, 4  # key purposes (trainer uses 0–2)
 
@@ -48,39 +47,35 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_variables(config, workdir: str, spatial_ndim: int, mesh):
-  """The model, likelihood and the latest checkpoint's variables, replicated on `mesh`."""
-  model, likelihood, tx = trainer.build(config, spatial_ndim)
+  """The model family and the latest checkpoint's variables, replicated on `mesh`.
+
+  The variables hold the EMA parameters when the run kept an EMA (score models).
+  """
+  family, tx = trainer.build(config, spatial_ndim)
   shape = trainer.image_shape(config, spatial_ndim)
   ckpt = checkpoint.Checkpoints(workdir)
   try:
-    state = ckpt.restore(trainer.create_state(model, tx, shape, config.seed, mesh))
+    state = ckpt.restore(trainer.create_state(family, tx, shape, config.seed, mesh,
+                                              ema=bool(config.train.ema_rate)))
   finally:
     ckpt.close()
-  return model, likelihood, {"params": state.params, **state.model_state}, int(state.step)
+  variables = {"params": trainer.eval_params(state), **state.model_state}
+  return family, variables, int(state.step)
 
 
 @functools.lru_cache(maxsize=8)
-def make_score_fn(model, likelihood, num_samples: int, smooth_sigma: float, with_maps: bool):
+def make_score_fn(family, with_maps: bool):
   """One jitted pass: every sample-wise score, and the pixel maps when asked.
 
   Cached, so evaluating several splits (or workdirs of one architecture) compiles once.
   """
-  def score(variables, images, rng):
-    out = sample.sample_scores(model, variables, images, rng, likelihood, num_samples)
-    maps = pixel.pixel_maps(model, variables, images, jax.random.fold_in(rng, 1),
-                            likelihood, smooth_sigma=smooth_sigma) if with_maps else {}
-    return out, maps
-
-  return jax.jit(score)
+  return jax.jit(functools.partial(family.score, with_maps=with_maps))
 
 
 @functools.lru_cache(maxsize=8)
-def make_reconstruct_fn(model, likelihood):
-  """The reconstruction from the posterior mean, for the report's grid."""
-  def reconstruct(variables, images):
-    mu, _ = sample.encode(model, variables, images)
-    return likelihood.mean(sample.decode(model, variables, mu))
-  return jax.jit(reconstruct)
+def make_reconstruct_fn(family):
+  """What the report's grid shows beside each image (None if the family has nothing)."""
+  return jax.jit(family.reconstruct)
 
 
 class _MapFile:
@@ -207,15 +202,13 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   else:
     data_split, name = pipeline.load_split(config.data, split), split
   source = data_split.source
-  model, likelihood, variables, step = restore_variables(config, workdir, source.spatial_ndim,
-                                                         mesh)
+  family, variables, step = restore_variables(config, workdir, source.spatial_ndim, mesh)
   lesion_cfg = config.data.synthetic_lesions
   spec = lesions_lib.spec_from_config(lesion_cfg, "data.synthetic_lesions") \
       if lesion_cfg.enabled and not input_path else None
   with_maps = bool(e.pixel_maps and (source.has_masks or spec is not None or
                                      (input_path and e.save_maps)))
-  score_fn = make_score_fn(model, likelihood, int(e.num_samples), float(e.smooth_sigma),
-                           with_maps)
+  score_fn = make_score_fn(family, with_maps)
   out_dir = os.path.join(workdir, "eval", name)
   os.makedirs(out_dir, exist_ok=True)
 
@@ -239,10 +232,10 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   map_file = None
   shape = trainer.image_shape(config, source.spatial_ndim)
   if with_maps and e.save_maps:
-    map_file = _MapFile(os.path.join(out_dir, "maps.npz"), n, shape[:-1], pixel.PIXEL_MAPS)
+    map_file = _MapFile(os.path.join(out_dir, "maps.npz"), n, shape[:-1], family.pixel_maps)
 
   index, anomalous, class_of = [], [], []
-  scores = {k: [] for k in sample.SAMPLE_SCORES}
+  scores = {k: [] for k in family.sample_scores}
   examples = {"normal": [], "anomalous": []}
   seen = 0
   key = trainer.purpose_key(config.seed, EVAL)
@@ -304,7 +297,8 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     raise FloatingPointError(f"non-finite scores {bad}: the checkpoint may have diverged")
 
   result = {"split": name, "step": step, "num_images": int(len(index)),
-            "num_anomalous": int(anomalous.sum()), "num_samples": e.num_samples,
+            "num_anomalous": int(anomalous.sum()), "family": config.model.family,
+            "num_samples": e.num_samples,
             "synthetic_lesions": spec is not None}
   if not input_path and 0 < anomalous.sum() < len(anomalous):
     normal_names = sorted(set(class_of[anomalous == 0]))
@@ -321,20 +315,22 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     everything[name] = result
     files.write_json(path, everything)
     if not input_path:
-      _write_report(workdir, config, name, result, scores, class_of, anomalous, examples,
-                    variables, model, likelihood, mesh)
+      _write_report(workdir, name, result, scores, class_of, anomalous, examples,
+                    variables, family)
   return result
 
 
-def _write_report(workdir, config, name, result, scores, class_of, anomalous, examples,
-                  variables, model, likelihood, mesh) -> None:
+def _write_report(workdir, name, result, scores, class_of, anomalous, examples,
+                  variables, family) -> None:
   from jaxad import report
   chosen = examples["normal"] + examples["anomalous"]
   grid = None
   if chosen:
     images = np.stack([x["image"] for x in chosen])
-    recon = jax.device_get(make_reconstruct_fn(model, likelihood)(variables, images))
-    grid = {"ids": [x["id"] for x in chosen], "images": images, "reconstructions": recon}
+    grid = {"ids": [x["id"] for x in chosen], "images": images}
+    recon = make_reconstruct_fn(family)(variables, images)
+    if recon is not None:
+      grid["reconstructions"] = jax.device_get(recon)
     if chosen[0]["maps"]:
       grid["maps"] = {k: np.stack([x["maps"][k] for x in chosen]) for k in chosen[0]["maps"]}
     if chosen[0]["mask"] is not None:

@@ -20,13 +20,10 @@ import numpy as np
 import optax
 import tensorflow as tf
 
-from jaxad import checkpoint, files, parallel
+from jaxad import checkpoint, families, files, parallel
 from jaxad import config as config_lib
 from jaxad.data import pipeline
 from jaxad.errors import ConfigError
-from jaxad.models import vae as vae_models
-from jaxad.objectives import likelihood as likelihood_lib
-from jaxad.objectives import vae as vae_objectives
 
 log = logging.getLogger("jaxad")
 
@@ -40,7 +37,8 @@ class TrainState:
   params: Any
   model_state: Any  # mutable collections (batch_stats) or {}
   opt_state: Any  # optax state; learning rate lives in opt_state.hyperparams
-  best_val: jax.Array  # best validation −ELBO so far (nats per image)
+  ema_params: Any  # exponential moving average of params (train.ema_rate > 0), else {}
+  best_val: jax.Array  # best validation loss so far (−ELBO in nats, or DSM)
   bad_epochs: jax.Array  # epochs since best_val improved
   stopped: jax.Array  # 1 once early stopping has ended the run
 
@@ -54,67 +52,74 @@ def image_shape(config: ml_collections.ConfigDict, spatial_ndim: int) -> tuple[i
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with the learning rate injected into the state (for plateau and grids)."""
+  """Adam, with optional warm-up and gradient clipping, its learning rate injected into
+  the state (`opt_state.hyperparams["learning_rate"]`) for plateaus and grids."""
   t = config.train
-  return optax.inject_hyperparams(optax.adam)(
-      learning_rate=t.learning_rate, b1=t.b1, b2=t.b2, eps=t.eps)
+
+  def adam(learning_rate):
+    rate = learning_rate
+    if t.warmup_steps:
+      rate = lambda count: learning_rate * jnp.minimum(1.0, (count + 1) / t.warmup_steps)
+    tx = optax.adam(rate, b1=t.b1, b2=t.b2, eps=t.eps)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), tx) if t.grad_clip else tx
+
+  return optax.inject_hyperparams(adam)(learning_rate=t.learning_rate)
 
 
-def create_state(model, tx, shape, seed, mesh) -> TrainState:
+def create_state(family, tx, shape, seed, mesh, ema: bool = False) -> TrainState:
   """Initialises parameters directly replicated on every device of the mesh."""
   def init():
-    variables = model.init(purpose_key(seed, INIT), jnp.zeros((1, *shape)), train=False)
+    variables = family.init(purpose_key(seed, INIT), shape)
     params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
-        opt_state=tx.init(params), best_val=jnp.full((), jnp.inf, jnp.float32),
+        opt_state=tx.init(params), ema_params=params if ema else {},
+        best_val=jnp.full((), jnp.inf, jnp.float32),
         bad_epochs=jnp.zeros((), jnp.int32), stopped=jnp.zeros((), jnp.int32))
   return jax.jit(init, out_shardings=parallel.replicated(mesh))()
 
 
-def make_train_step(model, likelihood, tx, seed, mesh):
-  """The jit-compiled VAE step: one reparameterised sample, Adam update, metrics."""
+def eval_params(state: TrainState):
+  """The parameters evaluation uses: the EMA when the run keeps one."""
+  return state.ema_params if state.ema_params else state.params
+
+
+def make_train_step(family, tx, seed, mesh, ema_rate: float = 0.0):
+  """The jit-compiled step: the family's loss, its gradient, Adam, the EMA, metrics."""
   train_key = purpose_key(seed, TRAIN)
 
   def step(state: TrainState, images: jax.Array):
     rng = jax.random.fold_in(train_key, state.step)
-
-    def loss_fn(params):
-      variables = {"params": params, **state.model_state}
-      terms, updates = vae_objectives.vae_terms(
-          model, variables, images, rng, likelihood, train=True)
-      return vae_objectives.training_loss(terms, likelihood), (terms, updates)
-
-    (loss, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (metrics, updates)), grads = jax.value_and_grad(
+        family.train_loss, has_aux=True)(state.params, state.model_state, images, rng)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
-        model_state={**state.model_state, **updates}, opt_state=opt_state)
-    metrics = {"loss": loss, "neg_elbo": terms.neg_elbo.mean(), "kl": terms.kl.mean(),
-               "rec": terms.rec.mean(), "grad_norm": optax.tree.norm(grads)}
-    return state, metrics
+    params = optax.apply_updates(state.params, param_updates)
+    ema = state.ema_params
+    if ema_rate:
+      ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, ema, params)
+    state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                          model_state={**state.model_state, **updates}, opt_state=opt_state)
+    return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
   replicated = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def make_val_step(model, likelihood, seed, mesh):
-  """Masked sums of the per-image −ELBO (eval mode) over one padded batch."""
+def make_val_step(family, seed, mesh):
+  """Masked sums of the family's per-image validation loss over one padded batch."""
   val_key = purpose_key(seed, VAL)
 
   def step(state: TrainState, images, valid, batch_index):
     rng = jax.random.fold_in(val_key, batch_index)
-    variables = {"params": state.params, **state.model_state}
-    terms, _ = vae_objectives.vae_terms(model, variables, images, rng, likelihood,
-                                        train=False)
-    return jnp.sum(terms.neg_elbo * valid), jnp.sum(valid)
+    variables = {"params": eval_params(state), **state.model_state}
+    return jnp.sum(family.val_loss(variables, images, rng) * valid), jnp.sum(valid)
 
   return jax.jit(step)
 
 
 def validation_loss(val_step, state, split, config, mesh) -> float:
-  """Mean −ELBO (nats per image) over the normal images of the validation split."""
+  """Mean validation loss per image over the normal images of the validation split."""
   total, count = 0.0, 0.0
   batches = pipeline.eval_batches(
       split, config.data, global_batch=config.train.batch_size, normal_only=True,
@@ -195,9 +200,9 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def build(config: ml_collections.ConfigDict, spatial_ndim: int):
-  """The model, likelihood and optimiser a config describes (shared with eval)."""
-  model = vae_models.build_model(config.model, image_shape(config, spatial_ndim))
-  return model, likelihood_lib.make_likelihood(config.model), make_optimizer(config)
+  """The model family object and optimiser a config describes (shared with eval)."""
+  family = families.build(config, image_shape(config, spatial_ndim))
+  return family, make_optimizer(config)
 
 
 def _prepare_workdir(config, workdir, ckpt) -> None:
@@ -232,12 +237,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   parallel.local_batch_size(t.batch_size, mesh)
   steps_per_epoch = pipeline.steps_per_epoch(train_split, t.batch_size)
   num_steps = config_lib.total_steps(config, steps_per_epoch)
-  model, likelihood, tx = build(config, train_split.source.spatial_ndim)
+  family, tx = build(config, train_split.source.spatial_ndim)
   shape = image_shape(config, train_split.source.spatial_ndim)
+  metric = family.val_metric
 
   ckpt = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
   _prepare_workdir(config, workdir, ckpt)
-  state = create_state(model, tx, shape, config.seed, mesh)
+  state = create_state(family, tx, shape, config.seed, mesh, ema=bool(t.ema_rate))
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
     log.info("resumed from step %d in %s", int(state.step), ckpt.directory)
@@ -246,8 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
            config.model.name, train_split.source.name, len(train_split.normal_indices),
            steps_per_epoch, num_steps, mesh.devices.size)
 
-  train_step = make_train_step(model, likelihood, tx, config.seed, mesh)
-  val_step = make_val_step(model, likelihood, config.seed, mesh) if val_split else None
+  train_step = make_train_step(family, tx, config.seed, mesh, float(t.ema_rate))
+  val_step = make_val_step(family, config.seed, mesh) if val_split else None
   batches = pipeline.train_batches(
       train_split, config.data, seed=config.seed, global_batch=t.batch_size,
       start_step=start, process_index=jax.process_index(),
@@ -256,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bar = _progress(num_steps, start, is_main and t.progress_bar)
   summary = {"stopped_early": bool(state.stopped)}
   if np.isfinite(float(state.best_val)):
-    summary["best_val_neg_elbo"] = float(state.best_val)
+    summary[f"best_val_{metric}"] = float(state.best_val)
   pending, window, tick = None, [], time.perf_counter()
   step = start
   try:
@@ -284,10 +290,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step % steps_per_epoch == 0 and val_split is not None:
         val = validation_loss(val_step, state, val_split, config, mesh)
         state = end_of_epoch(state, val, config, mesh)
-        writer.scalars(step, {"val/neg_elbo": val})
-        log.info("epoch %d: validation -ELBO %.5g nats/image", step // steps_per_epoch, val)
-        summary["val_neg_elbo"] = val
-        summary["best_val_neg_elbo"] = float(state.best_val)
+        writer.scalars(step, {f"val/{metric}": val})
+        log.info("epoch %d: validation %s %.5g per image", step // steps_per_epoch, metric, val)
+        summary[f"val_{metric}"] = val
+        summary[f"best_val_{metric}"] = float(state.best_val)
       if step % t.checkpoint_every_steps == 0 or step == num_steps or int(state.stopped):
         ckpt.save(step, state)
       if stop_at_step is not None and step >= stop_at_step:

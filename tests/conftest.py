@@ -7,6 +7,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Tests train the same tiny programs several times (resume, 1 vs 8 devices): a
+# persistent compilation cache lets the repeats skip XLA's compile.
+jax.config.update("jax_compilation_cache_dir", os.path.join(
+    __import__("tempfile").gettempdir(), "jaxad-test-jax-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import functools  # noqa: E402
 import math  # noqa: E402

@@ -1,0 +1,66 @@
+"""The VAE family: −ELBO training, the six sample-wise scores and the five pixel maps."""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxad.models import vae as vae_models
+from jaxad.objectives import likelihood as likelihood_lib
+from jaxad.objectives import vae as vae_objectives
+from jaxad.scores import pixel, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class VAE:
+  """A VAE with its decoder likelihood and the eval settings of its scores."""
+
+  module: nn.Module
+  likelihood: likelihood_lib.Likelihood
+  num_samples: int = 15  # L posterior samples of the vae/iwae scores
+  smooth_sigma: float = 0.0  # gaussian smoothing of the pixel maps
+  val_metric: str = "neg_elbo"
+  sample_scores: tuple[str, ...] = sample.SAMPLE_SCORES
+  pixel_maps: tuple[str, ...] = pixel.PIXEL_MAPS
+
+  def init(self, rng: jax.Array, shape: tuple[int, ...]) -> dict:
+    return dict(self.module.init(rng, jnp.zeros((1, *shape)), train=False))
+
+  def train_loss(self, params, model_state: dict, images: jax.Array, rng: jax.Array):
+    """mean_b(train_rec + β·KL) with one reparameterised sample; updates batch stats."""
+    terms, updates = vae_objectives.vae_terms(
+        self.module, {"params": params, **model_state}, images, rng, self.likelihood,
+        train=True)
+    loss = vae_objectives.training_loss(terms, self.likelihood)
+    metrics = {"neg_elbo": terms.neg_elbo.mean(), "kl": terms.kl.mean(),
+               "rec": terms.rec.mean()}
+    return loss, (metrics, updates)
+
+  def val_loss(self, variables, images: jax.Array, rng: jax.Array) -> jax.Array:
+    """Single-sample −ELBO per image (nats), eval mode."""
+    terms, _ = vae_objectives.vae_terms(self.module, variables, images, rng,
+                                        self.likelihood, train=False)
+    return terms.neg_elbo
+
+  def score(self, variables, images: jax.Array, rng: jax.Array, with_maps: bool):
+    out = sample.sample_scores(self.module, variables, images, rng, self.likelihood,
+                               self.num_samples)
+    maps = pixel.pixel_maps(self.module, variables, images, jax.random.fold_in(rng, 1),
+                            self.likelihood, smooth_sigma=self.smooth_sigma) \
+        if with_maps else {}
+    return out, maps
+
+  def reconstruct(self, variables, images: jax.Array) -> Any:
+    """The decoded posterior mean, E[x | z = mu(x)]."""
+    mu, _ = sample.encode(self.module, variables, images)
+    return self.likelihood.mean(sample.decode(self.module, variables, mu))
+
+
+def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> VAE:
+  return VAE(module=vae_models.build_model(config.model, image_shape),
+             likelihood=likelihood_lib.make_likelihood(config.model),
+             num_samples=int(config.eval.num_samples),
+             smooth_sigma=float(config.eval.smooth_sigma))
