@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.calibration_fraction = 0.2  # Zimmerer et al.: threshold chosen on 1/5, Dice on 4/5.
   e.pixel_bins = 10_000  # histogram bins of the streaming pixel AUROC/AUPRC.
   e.bootstrap = 50  # bootstrap resamples for the AUROC intervals (0 = off).
+  e.pixel_bootstrap_bins = 256  # per-image histogram bins behind the pixel intervals.
   e.num_examples = 8  # images shown in the report's grids.
   e.sano = ml_collections.ConfigDict(dict(  # score models (Gonzalez-Jimenez et al.)
       t=1e-3,  # the map: score s(x, t) of the clean image at this small t

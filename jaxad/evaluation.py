@@ -158,6 +158,18 @@ def _pixel_metrics(curves: dict, stats: dict, config, healthy_source: str,
   return out
 
 
+def _pixel_bootstrap(histograms, value_range, pixel_result, groups, config) -> dict:
+  """Pixel AUROC/AUPRC intervals, and Dice/IoU at the N-σ (else PR) threshold."""
+  t = pixel_result["thresholds"]
+  chosen = "n_sigma" if "n_sigma" in t else "pr_operating_point"
+  out = metrics.pixel_bootstrap(
+      histograms, value_range, threshold=t[chosen]["threshold"],
+      num_resamples=config.eval.bootstrap, seed=config.seed, groups=groups)
+  out["threshold"] = chosen
+  out["bins"] = int(histograms.shape[-1])
+  return out
+
+
 def _sample_metrics(scores, anomalous, class_of, normal_classes, groups, config) -> dict:
   names = sorted(set(class_of))
   out = {"sample": metrics.per_class_table(names, class_of, scores, normal_classes)}
@@ -228,7 +240,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
       if n >= 5 else (np.arange(0), None)
   is_calib = np.zeros(n, bool)
   is_calib[calib_idx] = True
-  curves = {}
+  curves, histograms = {}, {}  # per map: 3 PixelCurves; per-image histograms
   map_file = None
   shape = trainer.image_shape(config, source.spatial_ndim)
   if with_maps and e.save_maps:
@@ -271,6 +283,9 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
         for curve, keep in zip(curves[k], (slice(None), calib, ~calib)):
           if len(v[keep]):
             curve.update(v[keep], m[keep])
+        if e.bootstrap:
+          histograms.setdefault(k, []).append(metrics.image_histograms(
+              v, m, curves[k][0].value_range, e.pixel_bootstrap_bins))
     if map_file is not None:
       map_file.write(rows, {k: v[valid] for k, v in maps.items()})
     for j in np.flatnonzero(valid):
@@ -307,6 +322,15 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   if curves:
     result["pixel"] = _pixel_metrics(curves, stats, config, healthy_source,
                                      int(is_calib.sum()))
+    groups = None if source.groups is None else source.groups[index]
+    for k, h in histograms.items():
+      h = np.concatenate(h)
+      try:
+        result["pixel"][k]["bootstrap"] = _pixel_bootstrap(
+            h, curves[k][0].value_range, result["pixel"][k],
+            groups if groups is not None and len(groups) == len(h) else None, config)
+      except DataError as err:  # e.g. too few lesion images to resample
+        result["pixel"][k]["bootstrap"] = {"error": str(err)}
   if stats:
     result["healthy_map_stats"] = stats
   if jax.process_index() == 0:
@@ -353,11 +377,14 @@ def headline_table(result: dict) -> str:
       lines.append(f"{k:<10} {row['all']['auroc']:>7.3f} {row['all']['auprc']:>7.3f} "
                    f"{ci:>15} {lr:>7.3f}")
   if "pixel" in result:
-    lines.append(f"{'map':<10} {'pxAUROC':>7} {'pxAUPRC':>7} {'Dice@cal':>8} {'Dice@PR':>8} "
-                 f"{'Dice@Nσ':>8}")
+    lines.append(f"{'map':<10} {'pxAUROC':>7} {'95% CI':>15} {'pxAUPRC':>7} {'Dice@cal':>8} "
+                 f"{'Dice@PR':>8} {'Dice@Nσ':>8}")
     for k, m in result["pixel"].items():
       t = m["thresholds"]
       dice = lambda key: f"{t[key]['dice']:.3f}" if "dice" in t.get(key, {}) else "-"
-      lines.append(f"{k:<10} {m['auroc']:>7.3f} {m['auprc']:>7.3f} {dice('calibrated'):>8} "
-                   f"{dice('pr_operating_point'):>8} {dice('n_sigma'):>8}")
+      ci = m.get("bootstrap", {}).get("auroc")
+      ci = f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
+      lines.append(f"{k:<10} {m['auroc']:>7.3f} {ci:>15} {m['auprc']:>7.3f} "
+                   f"{dice('calibrated'):>8} {dice('pr_operating_point'):>8} "
+                   f"{dice('n_sigma'):>8}")
   return "\n".join(lines)

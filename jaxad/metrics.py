@@ -272,6 +272,16 @@ class PixelCurve:
     lower_edges[0] = -np.inf  # the bottom bin also holds values clipped below `lo`
     return lower_edges[::-1], pos[::-1], neg[::-1]
 
+  @classmethod
+  def from_counts(cls, counts: np.ndarray, value_range: tuple[float, float]) -> "PixelCurve":
+    """A streaming curve from bin counts (2, num_bins): row 0 normal, row 1 lesion."""
+    counts = np.asarray(counts, np.int64)
+    if counts.ndim != 2 or counts.shape[0] != 2:
+      raise DataError(f"counts must have shape (2, num_bins), got {counts.shape}")
+    curve = cls(counts.shape[1], value_range)
+    curve._counts = counts.copy()
+    return curve
+
   def auroc(self) -> float:
     """Pixel-level AUROC over all valid pixels seen so far."""
     _, pos, neg = self._groups()
@@ -498,6 +508,51 @@ def bootstrap(metric_fn: Callable[..., float], *arrays, num_resamples: int = 50,
   low, high = np.percentile(values, [50 * alpha, 100 - 50 * alpha])
   return {"estimate": float(metric_fn(*arrays)), "mean": float(values.mean()),
           "std": float(values.std(ddof=1)), "low": float(low), "high": float(high)}
+
+
+def image_histograms(maps, masks, value_range: tuple[float, float],
+                     num_bins: int = 256) -> np.ndarray:
+  """Per-image pixel counts (B, 2, num_bins) over equal bins of `value_range`.
+
+  Row 0 counts normal pixels, row 1 lesion pixels; values outside the range go to the
+  edge bins. Summed over any set of images they are that set's PixelCurve counts, which
+  is what `pixel_bootstrap` resamples.
+  """
+  maps, masks = _as_scores(maps, "maps"), _as_binary(masks, "masks")
+  _same_shape(maps, masks, "maps", "masks")
+  lo, hi = _check_range(value_range)
+  n = len(maps)
+  position = (maps.reshape(n, -1) - lo) * (num_bins / (hi - lo))
+  index = np.clip(position, 0, num_bins - 1).astype(np.int64)
+  index += num_bins * masks.reshape(n, -1) + 2 * num_bins * np.arange(n)[:, None]
+  counts = np.bincount(index.reshape(-1), minlength=2 * num_bins * n)
+  return counts.reshape(n, 2, num_bins).astype(np.int32)
+
+
+def pixel_bootstrap(histograms: np.ndarray, value_range: tuple[float, float], *,
+                    threshold: float | None = None, num_resamples: int = 50, seed: int = 0,
+                    groups=None, alpha: float = 0.05) -> dict:
+  """Bootstrap intervals of pixel AUROC, AUPRC (and Dice/IoU at `threshold`) over images.
+
+  SANO's protocol: whole images (or whole groups, e.g. individuals) are resampled, within
+  the images with and without lesion pixels, and the pixel metrics are recomputed from
+  the summed `image_histograms`. Returns {metric: bootstrap(...) result}.
+  """
+  histograms = np.asarray(histograms)
+  has_lesion = histograms[:, 1].sum(axis=1) > 0
+
+  def metric(name):
+    def fn(h):
+      curve = PixelCurve.from_counts(h.sum(axis=0), value_range)
+      if name in ("auroc", "auprc"):
+        return getattr(curve, name)()
+      return curve.overlap_at(threshold)[name]
+    return fn
+
+  names = ("auroc", "auprc") + (("dice", "iou") if threshold is not None else ())
+  return {name: bootstrap(metric(name), histograms, num_resamples=num_resamples, seed=seed,
+                          groups=groups, stratify=has_lesion, alpha=alpha)
+          for name in names}
 
 
 def logistic_regression_auroc(scores, labels, folds: int = 5, seed: int = 0) -> dict:

@@ -319,3 +319,39 @@ def test_pixel_curve_overlap_at_threshold_matches_dice_and_iou():
     got = curve.overlap_at(0.5)  # 0.5 is a bin edge: streaming is exact there too
     assert got["dice"] == pytest.approx(metrics.dice(maps >= 0.5, masks), abs=1e-12)
     assert got["iou"] == pytest.approx(metrics.iou(maps >= 0.5, masks), abs=1e-12)
+
+
+def test_image_histograms_match_numpy_per_image():
+  rng = np.random.default_rng(3)
+  maps = rng.uniform(-0.2, 1.2, (5, 6, 7))
+  masks = rng.random((5, 6, 7)) < 0.3
+  h = metrics.image_histograms(maps, masks, (0.0, 1.0), 16)
+  assert h.shape == (5, 2, 16)
+  for i in range(5):
+    clipped = np.clip(maps[i], 0.0, 1.0 - 1e-9)  # edge bins take the values outside
+    for row, keep in ((0, ~masks[i]), (1, masks[i])):
+      expected, _ = np.histogram(clipped[keep], bins=16, range=(0.0, 1.0))
+      np.testing.assert_array_equal(h[i, row], expected)
+
+
+def test_pixel_bootstrap_resamples_images_and_groups():
+  rng = np.random.default_rng(4)
+  masks = np.zeros((40, 8, 8), bool)
+  masks[:20, 2:5, 2:5] = True  # 20 images with a lesion, 20 without
+  maps = rng.normal(size=(40, 8, 8)) + 1.5 * masks
+  value_range = (-5.0, 7.0)
+  h = metrics.image_histograms(maps, masks, value_range, 256)
+  out = metrics.pixel_bootstrap(h, value_range, threshold=1.0, num_resamples=30, seed=0)
+  whole = metrics.PixelCurve(256, value_range)
+  whole.update(maps, masks)
+  assert out["auroc"]["estimate"] == pytest.approx(whole.auroc(), abs=1e-12)
+  assert out["dice"]["estimate"] == pytest.approx(whole.overlap_at(1.0)["dice"], abs=1e-12)
+  assert out["auroc"]["low"] < out["auroc"]["estimate"] < out["auroc"]["high"]
+  assert 0 < out["auroc"]["std"] < 0.1
+  # Two images per individual: resampling whole individuals changes the intervals, and
+  # the same seed gives the same intervals.
+  groups = np.repeat(np.arange(20), 2)
+  a = metrics.pixel_bootstrap(h, value_range, num_resamples=30, seed=0, groups=groups)
+  b = metrics.pixel_bootstrap(h, value_range, num_resamples=30, seed=0, groups=groups)
+  assert a == b and set(a) == {"auroc", "auprc"}
+  assert a["auroc"]["low"] != out["auroc"]["low"]

@@ -48,6 +48,9 @@ def test_sano_localises_and_detects_lesions(trained):
   assert pixel["auroc"] > 0.95 and pixel["auprc"] > 0.5, pixel
   assert set(pixel["thresholds"]) == {"calibrated", "pr_operating_point", "n_sigma"}
   assert pixel["thresholds"]["n_sigma"]["dice"] > 0.1
+  ci = pixel["bootstrap"]  # images resampled within lesion / no-lesion strata
+  assert ci["threshold"] == "n_sigma" and set(ci) >= {"auroc", "auprc", "dice", "iou"}
+  assert ci["auroc"]["low"] <= ci["auroc"]["estimate"] <= ci["auroc"]["high"]
   assert set(result["sample"]) == set(score_family.SAMPLE_SCORES)
   assert result["sample"]["sano_topk"]["all"]["auroc"] > 0.9
   assert "sano_topk" in result["bootstrap"]
