@@ -2,7 +2,7 @@
 
 The method of configs/sano_hands.py (VP-SDE, discrete 1000-step schedule, DSM, EMA,
 map = smoothed channel mean of |score| at t = 1e-3, threshold at 3σ of healthy maps) on
-digits 0–8 upsampled to 32×32. Pixel-wise evaluation inserts synthetic lesions (with
+digits 0–8 upsampled to 16×16. Pixel-wise evaluation inserts synthetic lesions (with
 masks) into the healthy test digits; the sample-wise scores rank lesion images.
 
   python -m jaxad.train --config=configs/sano_digits.py --workdir=workdirs/sano_digits
@@ -17,16 +17,16 @@ def get_config():
   d = c.data
   d.source = "digits"
   d.anomalous_classes = (9,)
-  d.image_size = 32
+  d.image_size = 16
   d.channels = 1
   d.synthetic_lesions.enabled = True
   m = c.model
   m.family = "score"
   m.name = "unet"
-  m.unet.base_width = 32
+  m.unet.base_width = 16
   m.unet.channel_mult = (1, 2, 2)
   m.unet.num_res_blocks = 1
-  m.unet.attention_resolutions = (8,)
+  m.unet.attention_resolutions = (4,)
   m.unet.groups = 8
   m.sde.discrete = True
   t = c.train
