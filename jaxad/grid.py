@@ -1,0 +1,224 @@
+"""Hyperparameter robustness grids (Zimmerer et al.): many VAEs in one compiled program.
+
+    python -m jaxad.grid --config=configs/grid_digits.py --workdir=workdirs/grid_digits
+    python -m jaxad.grid --config=configs/grid_fashion_mnist.py --workdir=DIR \\
+        --config.grid.axes.seed='(0, 1)'
+
+The config is an experiment config plus `grid.axes` (see jaxad.grid_axes): axes that
+keep array shapes (seed, c/β, learning rate, left-out class) are vmapped, so a group's
+K members train in one jitted step on their own data streams (jaxad.grid_train); axes
+that change shapes (latent size, image size, architecture) make groups that run one
+after another. Every member is then scored with every sample-wise score, and every
+pixel map when the data has masks or synthetic lesions (jaxad.grid_eval).
+
+The workdir:
+
+  DIR/grid.csv             one row per member and score: axis values, AUROC, AUPRC
+  DIR/grid.json            config, axes, every member's training summary and metrics
+  DIR/figures/*.png        AUROC per score against each axis, mean with min/max band
+  DIR/grid.html            the figures and a table of mean AUROC per group
+  DIR/groups/<g>.json      a finished group's results (written atomically)
+  DIR/groups/<g>/checkpoints/  the running group's stacked state
+  DIR/plan.json, grid.log  the plan the workdir holds; the log
+
+Running the same command again resumes: finished groups are read back, the running
+group restarts from its latest checkpoint and ends bit-identical to an uninterrupted run.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxad import config as config_lib
+from jaxad import files, grid_axes, grid_eval, grid_report, grid_train, parallel
+from jaxad.errors import CheckpointError
+
+log = logging.getLogger("jaxad")
+HEADLINE = ("vae", "vae_kl", "vae_rec", "combi")  # the table printed at the end
+
+
+def _setup_logging(workdir: str) -> None:
+  log.setLevel(logging.INFO)
+  path = os.path.join(os.path.abspath(workdir), "grid.log")
+  if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+def _normalised(obj):
+  return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b))
+            for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)]
+  return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
+
+
+def _check_plan(workdir: str, config, groups) -> None:
+  """Refuses a workdir that holds another grid; saves the plan for the next run."""
+  base = config_lib.to_dict(config)
+  for key in ("figures", "keep_checkpoints"):  # presentation only
+    base["grid"].pop(key, None)
+  plan = _normalised({"config": base, **grid_axes.describe(groups)})
+  path = os.path.join(workdir, "plan.json")
+  if os.path.exists(path):
+    saved = files.read_json(path)
+    if saved != plan:
+      diffs = _differences(saved, plan)[:5]
+      raise CheckpointError(
+          f"{workdir} holds another grid ({'; '.join(diffs)}): use a new --workdir, or "
+          "the config this workdir was started with")
+  files.write_json(path, plan)
+
+
+def _member_line(group, m: dict) -> str:
+  auroc = {k: m.get("sample", {}).get(k, m.get("pixel", {}).get(k, {})).get("auroc")
+           for k in HEADLINE}
+  shown = " ".join(f"{k}={v:.3f}" for k, v in auroc.items() if v is not None)
+  state = "diverged" if m["diverged"] else "stopped early" if m["stopped_early"] else "done"
+  return (f"{group.name} member {m['member']} [{grid_axes.label(m['values'])}]: "
+          f"{m['steps']} steps ({m['epochs']:.3g} epochs, {state}) AUROC {shown}")
+
+
+def _run_group(group, workdir, mesh, cache, stop_at_step, progress) -> dict | None:
+  """Trains and scores one group; its record, or None if it was interrupted."""
+  directory = os.path.join(workdir, "groups", group.name)
+  t0 = time.perf_counter()
+  data = grid_train.load_data(group, cache)
+  t1 = time.perf_counter()
+  state, summary = grid_train.train_group(group, directory, mesh, data=data,
+                                          stop_at_step=stop_at_step, progress=progress)
+  jax.block_until_ready(state)
+  t2 = time.perf_counter()
+  if not summary["finished"]:
+    return None
+  scored = grid_eval.evaluate_group(group, state, data, mesh, progress=progress)
+  t3 = time.perf_counter()
+  members = [{**s, **r, "values": grid_axes.jsonable({**group.values, **m.values})}
+             for m, s, r in zip(group.members, summary["members"], scored)]
+  record = {"name": group.name, "values": grid_axes.jsonable(group.values),
+            "members": members, "data_s": t1 - t0, "train_s": t2 - t1, "eval_s": t3 - t2,
+            "trained_images": int(sum(m["steps"] for m in members) * group.config.train.batch_size)}
+  files.write_json(os.path.join(workdir, "groups", f"{group.name}.json"), record)
+  if not group.config.get("grid", {}).get("keep_checkpoints", False):
+    shutil.rmtree(directory, ignore_errors=True)  # only its checkpoints live there
+  for m in members:
+    log.info("%s", _member_line(group, m))
+  return record
+
+
+def run_grid(config: ml_collections.ConfigDict, workdir: str, *,
+             stop_at: tuple[int, int] | None = None, devices=None,
+             progress: bool | None = None) -> dict:
+  """Trains, scores and reports the grid; returns the results grid.json holds.
+
+  `stop_at=(group index, step)` interrupts that group after that step as if the job
+  were killed (for resume tests); the results then have complete=False and no tables.
+  `devices` (default: all) restricts the mesh.
+  """
+  groups = grid_axes.plan(config)
+  os.makedirs(workdir, exist_ok=True)
+  _setup_logging(workdir)
+  _check_plan(workdir, config, groups)
+  mesh = parallel.make_mesh(devices)
+  progress = bool(config.train.progress_bar) if progress is None else progress
+  axes = grid_axes.axes(config)
+  results = {"config": config_lib.to_dict(config),
+             "axes": grid_axes.jsonable(axes),
+             "member_axes": [a for a in axes if grid_axes.is_member_axis(a)],
+             "group_axes": [a for a in axes if not grid_axes.is_member_axis(a)],
+             "devices": int(mesh.devices.size), "groups": [], "complete": False}
+  log.info("grid: %d groups, %d members, axes %s", len(groups),
+           sum(len(g.members) for g in groups), grid_axes.label(
+               {a: v for a, v in axes.items()}))
+  cache, t0 = {}, time.perf_counter()
+  for group in groups:
+    path = os.path.join(workdir, "groups", f"{group.name}.json")
+    if os.path.exists(path):
+      log.info("%s [%s]: finished earlier, read from %s", group.name,
+               grid_axes.label(group.values), path)
+      results["groups"].append({**files.read_json(path), "trained_now": False})
+      continue
+    log.info("%s [%s]: %d members", group.name, grid_axes.label(group.values),
+             len(group.members))
+    stop = stop_at[1] if stop_at is not None and stop_at[0] == group.index else None
+    record = _run_group(group, workdir, mesh, cache, stop, progress)
+    if record is None:
+      log.info("%s: interrupted; run again to resume", group.name)
+      return results
+    results["groups"].append({**record, "trained_now": True})
+  results["complete"] = True
+  results["total_s"] = time.perf_counter() - t0
+  write_outputs(workdir, results)
+  return results
+
+
+def write_outputs(workdir: str, results: dict) -> None:
+  """grid.json, grid.csv and (with config.grid.figures) the figures and grid.html."""
+  results["num_rows"] = grid_report.write_csv(os.path.join(workdir, "grid.csv"), results)
+  if results["config"].get("grid", {}).get("figures", True):
+    figures = grid_report.write_figures(workdir, results)
+    grid_report.write_html(os.path.join(workdir, "grid.html"), results, figures)
+    results["figures"] = [link for link, _ in figures]
+  files.write_json(os.path.join(workdir, "grid.json"), results)
+
+
+def headline_table(results: dict) -> str:
+  """Mean AUROC per group of the headline scores, as plain text."""
+  lines = [f"{'group':<6} {'members':>7}  " + " ".join(f"{k:>8}" for k in HEADLINE) +
+           "  values"]
+  for g in results["groups"]:
+    cells = []
+    for k in HEADLINE:
+      v = [m.get("sample", {}).get(k, m.get("pixel", {}).get(k, {})).get("auroc")
+           for m in g["members"]]
+      v = [x for x in v if x is not None]
+      cells.append(f"{np.mean(v):8.3f}" if v else f"{'-':>8}")
+    lines.append(f"{g['name']:<6} {len(g['members']):>7}  " + " ".join(cells) + "  " +
+                 grid_axes.label(g["values"]))
+  return "\n".join(lines)
+
+
+def main(argv):
+  from absl import app
+  from absl import logging as absl_logging
+  from tqdm.contrib.logging import logging_redirect_tqdm
+
+  from jaxad.errors import ConfigError, DataError
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save chatter
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  log.addHandler(handler)
+  log.propagate = False
+  try:
+    with logging_redirect_tqdm([log]):
+      results = run_grid(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DataError, CheckpointError) as e:
+    sys.exit(f"error: {e}")
+  print(headline_table(results))
+  print(f"{results['num_rows']} rows in {os.path.join(FLAGS.workdir, 'grid.csv')}; "
+        f"figures in {os.path.join(FLAGS.workdir, 'grid.html')}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  flags.DEFINE_string("workdir", None, "Folder for the grid's results and checkpoints.")
+  config_flags.DEFINE_config_file("config", None, "Grid config file (configs/grid_*.py).",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
+  FLAGS = flags.FLAGS
+  app.run(main)

@@ -1,0 +1,166 @@
+"""Scores every member of a trained grid group on the test split, vmapped over members.
+
+Sample-wise: the six `sample.SAMPLE_SCORES` of every test image with L =
+eval.num_samples, batch `b`'s key `fold_in(purpose_key(seed, EVAL), b)` as in the eval
+binary, so a member's numbers are what `jaxad.evaluate` reports for its config; AUROC
+and AUPRC of the member's anomalous classes (its left-out class) against its normal
+ones. Pixel-wise, when the split has masks or data.synthetic_lesions.enabled: the
+five `pixel.PIXEL_MAPS` and streaming pixel AUROC/AUPRC (`metrics.PixelCurve`, its
+range fixed by each member's first batch). Lesions are inserted once per test image
+(donor patches drawn within fixed batches of the whole split) into each member's
+normal test images, so members that share a normal image score the same lesion.
+"""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxad import metrics, trainer
+from jaxad.evaluation import EVAL  # the eval binary's key purpose: the same draws
+from jaxad.data import lesions as lesions_lib
+from jaxad.errors import DataError
+from jaxad.grid_axes import Group
+from jaxad.grid_train import GridState, GroupData, Layout, TracedLikelihood, group_setup
+from jaxad.grid_train import member_split, padded_batches
+from jaxad.scores import pixel, sample
+
+log = logging.getLogger("jaxad")
+
+
+@functools.lru_cache(maxsize=16)
+def make_score_fn(model, kind: str, num_samples: int, smooth_sigma: float, maps: bool,
+                  layout: Layout):
+  """jit(vmap): member k scores images[idx[k]]; sample scores, or pixel maps if `maps`."""
+
+  def member(params, model_state, beta, seed, images, b):
+    variables = {"params": params, **model_state}
+    likelihood = TracedLikelihood(kind, beta)
+    rng = jax.random.fold_in(trainer.purpose_key(seed, EVAL), b)
+    if maps:
+      return pixel.pixel_maps(model, variables, images, jax.random.fold_in(rng, 1),
+                              likelihood, smooth_sigma=smooth_sigma)
+    return sample.sample_scores(model, variables, images, rng, likelihood, num_samples)
+
+  def score(state: GridState, all_images, idx, betas, seeds, b):
+    return jax.vmap(member, in_axes=(0, 0, 0, 0, 0, None))(
+        state.params, state.model_state, betas, seeds, layout.gather(all_images, idx), b)
+
+  return jax.jit(layout.per_member(score, (True, False, True, True, True, False)))
+
+
+def _lesioned(images: np.ndarray, spec, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every test image with its synthetic lesion (or none) and mask, in fixed batches."""
+  out, masks = np.empty_like(images), np.zeros(images.shape[:-1] + (1,), np.float32)
+  for start in range(0, len(images), batch):
+    rows = np.arange(start, min(start + batch, len(images)))
+    out[rows], masks[rows], _ = lesions_lib.add_lesions(images[rows], rows, spec)
+  return out, masks
+
+
+def _run(score_fn, state, dev_images, index_lists, batch, betas, seeds, layout, progress,
+         desc, consume) -> None:
+  """Streams every member's padded index list through score_fn; consume(b, idx, valid, out)."""
+  idx, valid = padded_batches(index_lists, batch)
+  from tqdm.auto import tqdm
+  for b in tqdm(range(idx.shape[1]), disable=not progress, desc=desc, unit="batch",
+                mininterval=1.0):
+    out = score_fn(state, dev_images, layout.put(idx[:, b], layout.batch), betas, seeds,
+                   jnp.int32(b))
+    consume(idx[:, b], valid[:, b] > 0, jax.device_get(out))
+
+
+def _ranking(labels, values) -> dict:
+  try:
+    return {"auroc": metrics.auroc(labels, values), "auprc": metrics.auprc(labels, values)}
+  except DataError as e:  # e.g. non-finite scores of a collapsed model
+    return {"auroc": None, "auprc": None, "error": str(e)}
+
+
+def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
+                   progress: bool = True) -> list[dict]:
+  """Per member: {"sample": {score: {auroc, auprc}}, "pixel": {map: ...}, counts}."""
+  config = group.config
+  e = config.eval
+  k = len(group.members)
+  batch = int(e.batch_size)
+  layout = Layout.make(mesh, k, batch)
+  model, kind, _ = group_setup(group, data.shape)
+  betas = layout.put(jnp.asarray([m.config.model.beta for m in group.members], jnp.float32))
+  seeds = layout.put(jnp.asarray([m.config.seed for m in group.members], jnp.int32))
+  splits = [member_split(data.test_split, m.config.data, "test") for m in group.members]
+  diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
+  results = [{"diverged": bool(d)} for d in diverged]
+  test = data.test
+  n = len(test["image"])
+
+  # Sample-wise: every test image, the member's own anomalous classes.
+  score_fn = make_score_fn(model, kind, int(e.num_samples), 0.0, maps=False,
+                           layout=layout)
+  dev_images = layout.put(jnp.asarray(test["image"]), layout.replicated)
+  scores = {name: np.zeros((k, n)) for name in sample.SAMPLE_SCORES}
+
+  def keep_scores(idx, valid, out):
+    for j in range(k):
+      for name in scores:
+        scores[name][j, idx[j][valid[j]]] = out[name][j][valid[j]]
+
+  _run(score_fn, state, dev_images, [np.arange(n)] * k, batch, betas, seeds, layout,
+       progress, f"{group.name} scores", keep_scores)
+  for j, split in enumerate(splits):
+    labels = split.anomalous
+    results[j].update(num_test=n, num_anomalous=int(labels.sum()))
+    if diverged[j] or not 0 < labels.sum() < n:
+      continue
+    results[j]["sample"] = {name: _ranking(labels, scores[name][j]) for name in scores}
+
+  # Pixel-wise: masks of the split, or synthetic lesions in normal test images.
+  lesion_cfg = config.data.synthetic_lesions
+  spec = lesions_lib.spec_from_config(lesion_cfg, "data.synthetic_lesions") \
+      if lesion_cfg.enabled else None
+  if not e.pixel_maps or (spec is None and "mask" not in test):
+    return results
+  if spec is not None:
+    images, masks = _lesioned(test["image"], spec, batch)
+    lists = [s.normal_indices for s in splits]
+  else:
+    images, masks = test["image"], test["mask"]
+    lists = [np.arange(n)] * k
+  maps_fn = make_score_fn(model, kind, 1, float(e.smooth_sigma), maps=True,
+                         layout=layout)
+  curves = [{name: metrics.PixelCurve(e.pixel_bins) for name in pixel.PIXEL_MAPS}
+            for _ in range(k)]
+
+  errors = {}
+
+  def keep_maps(idx, valid, out):
+    for j in range(k):
+      if diverged[j] or j in errors or not valid[j].any():
+        continue
+      truth = masks[idx[j][valid[j]]][..., 0]
+      try:
+        for name, curve in curves[j].items():
+          curve.update(out[name][j][valid[j]], truth)
+      except DataError as err:  # non-finite maps of a collapsed model
+        errors[j] = str(err)
+
+  _run(maps_fn, state, layout.put(jnp.asarray(images), layout.replicated), lists, batch,
+       betas, seeds, layout, progress, f"{group.name} maps", keep_maps)
+  for j in range(k):
+    results[j]["num_pixel_images"] = int(len(lists[j]))
+    if diverged[j]:
+      continue
+    if j in errors:
+      results[j]["pixel"] = {name: {"auroc": None, "auprc": None, "error": errors[j]}
+                             for name in pixel.PIXEL_MAPS}
+      continue
+    pix = {}
+    for name, curve in curves[j].items():
+      try:
+        pix[name] = {"auroc": curve.auroc(), "auprc": curve.auprc()}
+      except DataError as err:  # no lesion pixel (or no normal pixel) among its images
+        pix[name] = {"auroc": None, "auprc": None, "error": str(err)}
+    results[j]["pixel"] = pix
+  return results

@@ -1,0 +1,164 @@
+"""Hyperparameter grids: members equal single runs, own data streams, tables, resume."""
+
+import csv
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxad import grid, grid_axes, grid_train, parallel, trainer
+from jaxad.data import pipeline
+from jaxad.errors import ConfigError
+
+
+def _grid_config(make_config, axes, **overrides):
+  config = grid_axes.with_grid(make_config(**overrides))
+  config.grid.axes = ml_collections.ConfigDict(axes)
+  return config
+
+
+def _digits(make_config, **overrides):
+  return make_config(**{"data.source": "digits", "data.normal_classes": (),
+                        "data.anomalous_classes": (9,), "train.batch_size": 32,
+                        **overrides})
+
+
+def _member_params(state, k):
+  return [np.asarray(x[k]) for x in jax.tree.leaves((state.params, state.model_state))]
+
+
+def _params(state):
+  return [np.asarray(x) for x in jax.tree.leaves((state.params, state.model_state))]
+
+
+def test_members_equal_single_runs_with_plateau_and_early_stopping(make_config, tmp_path):
+  # 8 members (one per device): seeds × β × min_delta; min_delta = 1e6 never counts as
+  # an improvement, so those members stop after epoch 2 while the others run 3 epochs.
+  config = _grid_config(make_config, {
+      "seed": (0, 1), "beta": (0.01, 1.0), "train__min_delta": (0.0, 1e6)},
+      **{"train.num_steps": 12, "data.val_split": "val", "train.plateau_patience": 1,
+         "train.early_stop_patience": 1})
+  (group,) = grid_axes.plan(config)
+  assert len(group.members) == 8
+  state, summary = grid_train.train_group(group, str(tmp_path / "grid"), parallel.make_mesh(),
+                                          progress=False)
+  steps = [m["steps"] for m in summary["members"]]
+  assert steps == [12, 8] * 4  # members stopped at different epochs
+  assert summary["finished"]
+  lrs = np.asarray(state.opt_state.hyperparams["learning_rate"])
+  for k in (1, 6):  # seed 0, β 0.01, stops early; seed 1, β 1, runs to the end
+    member = group.members[k]
+    alone, info = trainer.train_and_evaluate(member.config, str(tmp_path / f"alone{k}"),
+                                             devices=jax.devices()[:1])
+    assert int(alone.step) == steps[k] and info["stopped_early"] == (k == 1)
+    assert float(alone.best_val) == pytest.approx(float(state.best_val[k]), rel=1e-6)
+    assert float(alone.opt_state.hyperparams["learning_rate"]) == pytest.approx(lrs[k])
+    for a, b in zip(_params(alone), _member_params(state, k)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  # The same grid on one device: the member axis unsharded, same numbers.
+  one, _ = grid_train.train_group(group, str(tmp_path / "one"),
+                                  parallel.make_mesh(jax.devices()[:1]), progress=False)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+
+def test_left_out_classes_give_each_member_its_own_data(make_config, tmp_path):
+  config = _grid_config(make_config, {"left_out_class": (3, 5)},
+                        **{"data.source": "digits", "data.normal_classes": (),
+                           "train.batch_size": 32, "train.num_steps": 12})
+  (group,) = grid_axes.plan(config)
+  data = grid_train.load_data(group)
+  streams = grid_train.Streams(data.train_splits, [0, 0], 32)
+  # Each member's stream is exactly the single-model pipeline's, pixels included.
+  for k, member in enumerate(group.members):
+    batches = pipeline.train_batches(data.train_splits[k], member.config.data, seed=0,
+                                     global_batch=32)
+    for step in range(2):
+      batch = next(batches)
+      np.testing.assert_array_equal(streams.indices(step)[k], batch["index"])
+      np.testing.assert_array_equal(data.train["image"][batch["index"]], batch["image"])
+  assert not np.array_equal(streams.indices(0)[0], streams.indices(0)[1])
+  _, summary = grid_train.train_group(group, str(tmp_path), parallel.make_mesh(),
+                                      data=data, progress=False)
+  seen = [m["labels_seen"] for m in summary["members"]]
+  assert "3" not in seen[0] and "5" in seen[0]
+  assert "5" not in seen[1] and "3" in seen[1]
+  assert sum(seen[0].values()) == sum(seen[1].values()) == 12 * 32
+
+
+def _small_grid(make_config, **overrides):
+  return _grid_config(make_config, {"seed": (0, 1), "latent_dim": (2, 4)}, **{
+      "train.num_steps": 4, "train.checkpoint_every_steps": 2, "eval.num_samples": 2,
+      "eval.batch_size": 32, "data.synthetic_lesions.enabled": True, **overrides})
+
+
+@pytest.fixture(scope="module")
+def full_grid(tmp_path_factory):
+  from conftest import tiny_config
+  workdir = str(tmp_path_factory.mktemp("grid"))
+  return workdir, grid.run_grid(_small_grid(lambda **o: tiny_config(**o)), workdir)
+
+
+def test_grid_writes_one_row_per_member_and_score(full_grid):
+  workdir, results = full_grid
+  assert results["complete"]
+  assert results["member_axes"] == ["seed"] and results["group_axes"] == ["latent_dim"]
+  assert [len(g["members"]) for g in results["groups"]] == [2, 2]
+  with open(os.path.join(workdir, "grid.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert list(table[0]) == ["group", "member", "seed", "latent_dim", "score", "kind",
+                            "auroc", "auprc"]
+  # 4 members × (6 sample scores + 5 pixel maps), each once.
+  keys = {(r["group"], r["member"], r["score"]) for r in table}
+  assert len(table) == len(keys) == 4 * 11 == results["num_rows"]
+  assert {r["kind"] for r in table} == {"sample", "pixel"}
+  assert all(0.0 <= float(r["auroc"]) <= 1.0 for r in table)
+  for name in ("grid.json", "grid.html", "figures/auroc_vs_latent_dim.png",
+               "groups/g000.json", "groups/g001.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert not os.path.exists(os.path.join(workdir, "groups/g000/checkpoints"))
+
+
+def _numbers(results):
+  return [(m["steps"], m["param_norm"], m["last_loss"],
+           {k: v["auroc"] for k, v in {**m["sample"], **m["pixel"]}.items()})
+          for g in results["groups"] for m in g["members"]]
+
+
+def test_interrupted_grid_resumes_bit_identically(make_config, full_grid, tmp_path):
+  _, full = full_grid
+  config = _small_grid(make_config)
+  # Killed in the second group after step 3 (its checkpoint is step 2).
+  part = grid.run_grid(config, str(tmp_path), stop_at=(1, 3))
+  assert not part["complete"] and len(part["groups"]) == 1
+  assert os.listdir(tmp_path / "groups" / "g001" / "checkpoints") == ["2"]
+  resumed = grid.run_grid(config, str(tmp_path))
+  assert [g["trained_now"] for g in resumed["groups"]] == [False, True]
+  assert _numbers(resumed) == _numbers(full)
+  again = grid.run_grid(config, str(tmp_path))
+  assert [g["trained_now"] for g in again["groups"]] == [False, False]
+  with pytest.raises(Exception, match="holds another grid"):
+    grid.run_grid(_small_grid(make_config, **{"train.num_steps": 5}), str(tmp_path))
+
+
+@pytest.mark.parametrize("axes, message", [
+    ({"latnet_dim": (2, 4)}, "grid.axes.latnet_dim: 'latnet_dim' is not a config key"),
+    ({"seed": ()}, "grid.axes.seed=.* must be a non-empty tuple"),
+    ({"seed": (0, 0)}, "repeats a value"),
+    ({"c": (1.0,), "beta": (2.0,)}, "sets both c and beta"),
+    ({"latent_dim": ("big",)}, "grid.axes.latent_dim: cannot set model.latent_dim"),
+    ({"beta": (-1.0,)}, "model.beta"),
+])
+def test_bad_axes_name_the_key(make_config, axes, message):
+  with pytest.raises(ConfigError, match=message):
+    grid_axes.plan(_grid_config(make_config, axes))
+
+
+def test_c_needs_a_gaussian_decoder_and_sets_beta(make_config):
+  (group,) = grid_axes.plan(_grid_config(make_config, {"c": (0.5, 1)}))
+  assert [m.config.model.beta for m in group.members] == [1.0, 2.0]
+  with pytest.raises(ConfigError, match="grid.axes.c needs model.likelihood='gaussian'"):
+    grid_axes.plan(_grid_config(make_config, {"c": (1.0,)},
+                                **{"model.likelihood": "bernoulli"}))
