@@ -1,10 +1,16 @@
-"""Benchmarks jaxad's VAEs on the PyTorch reference's cases: `python -m jaxad.bench`.
+"""Benchmarks jaxad's models on the PyTorch reference's cases: `python -m jaxad.bench`.
 
     python -m jaxad.bench                       # every case, the reference's full protocol
     python -m jaxad.bench --quick               # fewer repeats (same shapes), a few minutes
     python -m jaxad.bench --case=conv64 --case=mlp28/train_step,score_elbo
     python -m jaxad.bench --list                # the case ids
     python -m jaxad.bench --torch_json=peer_torch_results.json   # add torch's images/s
+    python -m jaxad.bench --quick --case=grid   # vmapped grid of 8 members vs 8 runs
+
+Grid cases (only when named: `grid`, `grid/mlp28`, ...): one jitted vmapped step of 8
+members (jaxad.grid_train) against 8 separately jitted single-model steps, images/s per
+member; and grid/runs8, configs/grid_digits.py's first group trained by the grid
+against the same 8 configs trained one after another by the trainer, end to end.
 
 Each case does the work of the same-named case of /work/shared/bench/peer_torch.py on a
 fixed float32 batch of B = 32 images (uniform in [-1, 1]), with its random draws made
@@ -21,6 +27,14 @@ inside the jitted function:
                   the ELBO gradient is their sum) and a decode of mu for rec_error,
                   about 3E + 3D where the reference's three reverse passes do 4E + 3D
 
+and for score64 (the 64×64×3 score U-Net, `jaxad.models.unet.score_unet_64`, continuous
+VP-SDE β 0.1..20):
+
+  train_step      t ~ U(1e-5, 1), x_t = a(t)x + σ(t)ε, σ²-weighted DSM loss (mean over
+                  elements of (ε_θ(x_t, 999t) − ε)²), gradients, Adam(1e-4) update
+  score_map       eval: one forward at t = 1e-3 on the clean batch, score = −ε_θ/σ(t),
+                  map = mean over channels of |score| (SANO's map before smoothing)
+
 Reported per case: compile time (first call, compilation included), the median seconds
 per call (timing as the reference: interleaved rounds of warm-up and repeats of
 back-to-back calls, each call waited on with `jax.block_until_ready`), images/s, FLOPs
@@ -35,6 +49,7 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import datetime as dt
 import functools
+import logging
 import math
 import os
 import platform
@@ -50,8 +65,10 @@ import numpy as np
 import optax
 
 from jaxad import files
+from jaxad.models import unet as unet_models
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as likelihood_lib
+from jaxad.objectives import sde as sde_lib
 from jaxad.objectives import vae as vae_objectives
 from jaxad.scores import pixel as pixel_scores
 from jaxad.scores import sample as sample_scores
@@ -60,12 +77,15 @@ BATCH = 32
 IWAE_L = 15
 LR = 1e-4
 PEAK_SIZES = (1024, 2048)  # square float32 matmuls behind the peak rate
-MODELS = ("conv128", "conv64", "mlp28")
-CASES = ("train_step", "score_elbo", f"score_iwae_L{IWAE_L}", "pixel_grads")
-CASE_IDS = tuple(f"{m}/{c}" for m in MODELS for c in CASES)
+VAE_CASES = ("train_step", "score_elbo", f"score_iwae_L{IWAE_L}", "pixel_grads")
+SCORE_CASES = ("train_step", "score_map")
+MODEL_CASES = {"conv128": VAE_CASES, "conv64": VAE_CASES, "mlp28": VAE_CASES,
+               "score64": SCORE_CASES}
+MODELS = tuple(MODEL_CASES)
+CASES = tuple(dict.fromkeys(c for cases in MODEL_CASES.values() for c in cases))
+CASE_IDS = tuple(f"{m}/{c}" for m, cases in MODEL_CASES.items() for c in cases)
 # Cases of the reference that come with later issues; selecting them prints a note.
-NOT_YET = {"score64/train_step": "score-model U-Net", "score64/score_map": "score-model U-Net",
-           "gan/latent_search": "GAN latent search"}
+NOT_YET = {"gan/latent_search": "GAN latent search"}
 # The reference's case for each of ours (for --torch_json).
 TORCH_CASE = {f"score_iwae_L{IWAE_L}": f"score_iwae_L{IWAE_L}_batched"}
 # MFLOP per image of the reference (matmul/conv only), from its README results table.
@@ -76,6 +96,7 @@ REFERENCE_MFLOP = {
     "conv64/score_iwae_L15": 312.5, "conv64/pixel_grads": 144.2,
     "mlp28/train_step": 7.1, "mlp28/score_elbo": 2.6,
     "mlp28/score_iwae_L15": 20.5, "mlp28/pixel_grads": 9.0,
+    "score64/train_step": 35338.7, "score64/score_map": 11784.3,
 }
 DESCRIPTIONS = {
     "train_step": "train mode; 1 reparameterised sample; loss=mean_b(train_rec+beta*KL); "
@@ -85,6 +106,10 @@ DESCRIPTIONS = {
                              "vae, vae_kl, vae_rec, iwae, iwae_kl, iwae_rec",
     "pixel_grads": "eval; jaxad.scores.pixel_maps: one forward, KL and rec pullbacks to x, "
                    "decode(mu) for rec_error; rec_error, elbo/kl/rec grad maps, combi",
+    "score64/train_step": "t~U(1e-5,1), x_t=a(t)x+s(t)eps, loss=mean((net(x_t,999t)-eps)^2) "
+                          "(DSM, lambda=s^2); grads w.r.t. params; Adam(lr=1e-4) update",
+    "score64/score_map": "eval; one forward at t=1e-3 on the clean batch; score=-net/s(t); "
+                         "map=mean_c|score|",
 }
 FLOPS_NOTE = ("XLA cost analysis of the compiled function: every op, elementwise included, "
               "conv taps on padding excluded; the reference counts 2*MAC of every conv/mm "
@@ -100,6 +125,10 @@ class ModelSpec:
   likelihood: likelihood_lib.Likelihood
 
 
+# The reference's continuous VP-SDE for score64 (beta 0.1..20, t_eps 1e-5, label 999·t).
+SCORE64_SDE = sde_lib.VPSDE(beta_min=0.1, beta_max=20.0, num_scales=1000, t_eps=1e-5)
+SCORE64_MAP_T = 1e-3
+
 SPECS = {
     "conv128": ModelSpec(vae_models.conv_vae_128, (128, 128, 3),
                          likelihood_lib.Likelihood("gaussian", 0.01)),
@@ -107,6 +136,7 @@ SPECS = {
                         likelihood_lib.Likelihood("gaussian", 1.0)),
     "mlp28": ModelSpec(vae_models.mlp_vae_28, (28, 28, 1),
                        likelihood_lib.Likelihood("bernoulli", 1.0)),
+    "score64": ModelSpec(unet_models.score_unet_64, (64, 64, 3), None),
 }
 
 
@@ -189,7 +219,7 @@ class Setup:
   model: nn.Module
   variables: dict
   x: jax.Array
-  likelihood: likelihood_lib.Likelihood
+  likelihood: likelihood_lib.Likelihood | None
 
 
 def make_setup(name: str, seed: int = 0, batch: int = BATCH) -> Setup:
@@ -199,7 +229,8 @@ def make_setup(name: str, seed: int = 0, batch: int = BATCH) -> Setup:
   x = np.random.default_rng(seed).uniform(-1, 1, (batch, *spec.image_shape))
   x = jnp.asarray(x, jnp.float32)
   init = jax.jit(functools.partial(model.init, train=False))
-  variables = flax.core.unfreeze(init(jax.random.key(seed), x[:1]))
+  extra = () if spec.likelihood else (jnp.zeros((1,), jnp.float32),)  # the time label
+  variables = flax.core.unfreeze(init(jax.random.key(seed), x[:1], *extra))
   return Setup(model, variables, x, spec.likelihood)
 
 
@@ -228,6 +259,35 @@ def _train_runner(s: Setup, key: jax.Array) -> Runner:
   return Runner(jax.jit(step, donate_argnums=0), (state, s.x, key), carry=True)
 
 
+def _score_train_runner(s: Setup, key: jax.Array) -> Runner:
+  """score64/train_step: one σ²-weighted DSM step (the trainer's score-family loss)."""
+  tx = optax.adam(LR)
+  state = jax.tree.map(jnp.copy, (s.variables["params"], tx.init(s.variables["params"]),
+                                  jnp.zeros((), jnp.int32)))
+
+  def step(state, x, key):
+    params, opt_state, count = state
+    rng = jax.random.fold_in(key, count)
+
+    def loss_fn(params):
+      apply = lambda x_t, label: s.model.apply({"params": params}, x_t, label, train=True)
+      return jnp.mean(sde_lib.dsm_loss(SCORE64_SDE, apply, x, rng))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, count + 1), loss
+
+  return Runner(jax.jit(step, donate_argnums=0), (state, s.x, key), carry=True)
+
+
+def _score_map(model, variables, x):
+  """score64/score_map: the SANO map before smoothing, mean_c |s_θ(x, t = 1e-3)|."""
+  apply = lambda x_t, label: model.apply(variables, x_t, label, train=False)
+  t = jnp.full((x.shape[0],), SCORE64_MAP_T, jnp.float32)
+  score = sde_lib.make_score_fn(SCORE64_SDE, apply)(x, t)
+  return jnp.mean(jnp.abs(score), axis=-1)
+
+
 def _score_elbo(model, likelihood, variables, x, key):
   terms, _ = vae_objectives.vae_terms(model, variables, x, key, likelihood, train=False)
   return terms.rec, terms.kl, terms.neg_elbo
@@ -248,6 +308,10 @@ EVAL_CASES = {"score_elbo": _score_elbo, f"score_iwae_L{IWAE_L}": _score_iwae,
 def make_runner(case: str, s: Setup, seed: int = 0) -> Runner:
   """The runner of `case` (a name in CASES) for the model and batch of `s`."""
   key = jax.random.key(seed + 1)
+  if s.likelihood is None:  # the score model
+    if case == "train_step":
+      return _score_train_runner(s, key)
+    return Runner(jax.jit(functools.partial(_score_map, s.model)), (s.variables, s.x))
   if case == "train_step":
     return _train_runner(s, key)
   fn = jax.jit(functools.partial(EVAL_CASES[case], s.model, s.likelihood))
@@ -360,7 +424,8 @@ def case_record(case_id: str, p: Prepared, peak_gflops: float, batch: int) -> di
   sec = r["sec_per_call_median"]
   ref_mflop = REFERENCE_MFLOP.get(case_id)
   r.update(
-      batch=batch, description=DESCRIPTIONS[case_id.split("/")[1]],
+      batch=batch,
+      description=DESCRIPTIONS.get(case_id, DESCRIPTIONS.get(case_id.split("/")[1])),
       compile_s=p.compile_s, images_per_s=batch / sec, flops_per_call=p.flops_per_call,
       flops_per_image=p.flops_per_call / batch, gflops=p.flops_per_call / sec / 1e9,
       reference_mflop_per_image=ref_mflop)
@@ -502,6 +567,185 @@ def _cpu_name() -> str:
 
 
 # --------------------------------------------------------------------------
+# Grid cases: K members in one vmapped step against K single-model steps
+# --------------------------------------------------------------------------
+GRID_K = 8
+GRID_MODELS = {  # the FashionMNIST grid's MLP (Gaussian decoder) and the digits grid's conv VAE
+    "mlp28": lambda: (vae_models.MLPVAE(image_shape=(28, 28, 1), latent_dim=20), (28, 28, 1)),
+    "conv16": lambda: (vae_models.ConvVAE(image_shape=(16, 16, 1), latent_dim=16,
+                                          widths=(16, 32), norm="batch",
+                                          encoder_activation="leaky_relu",
+                                          decoder_activation="relu"), (16, 16, 1)),
+}
+GRID_CASE_IDS = tuple(f"grid/{m}_{kind}{GRID_K}" for m in GRID_MODELS
+                      for kind in ("vmapped", "sequential")) + (f"grid/runs{GRID_K}",)
+GRID_DESCRIPTIONS = {
+    "vmapped": f"{GRID_K} members (seeds 0..{GRID_K - 1}, beta=2) in one jitted vmapped "
+               "step of jaxad.grid_train (per-member batch gathered by index, Adam, "
+               "masking of stopped members)",
+    "sequential": f"{GRID_K} separately jitted single-model steps (the trainer's step), "
+                  "called one after another",
+}
+
+
+def select_grid_cases(selectors: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(grid case ids, the other selectors): `grid` picks every grid case, `grid/mlp28`
+  a prefix. Grid cases run only when selected by name."""
+  sel = [s.strip() for item in selectors for s in item.split(",") if s.strip()]
+  is_grid = lambda s: s == "grid" or s.startswith("grid/")
+  chosen = [c for c in GRID_CASE_IDS if any(s == "grid" or (is_grid(s) and c.startswith(s))
+                                            for s in sel)]
+  unknown = [s for s in sel if is_grid(s) and not any(c.startswith(s) for c in GRID_CASE_IDS)
+             and s != "grid"]
+  if unknown:
+    raise ValueError(f"unknown --case {unknown}; grid cases are {list(GRID_CASE_IDS)}")
+  return chosen, [s for s in sel if not is_grid(s)]
+
+
+class SequentialRunner:
+  """K single-model runners called one after another (one call = K steps)."""
+
+  def __init__(self, runners: list[Runner]):
+    self.runners = runners
+
+  def __call__(self):
+    return [r() for r in self.runners]
+
+
+def _grid_runner(model_name: str, vmapped: bool, seed: int = 0):
+  """(runner, a function counting its FLOPs per call) of one grid step case."""
+  from jaxad import grid_train, parallel, trainer  # pylint: disable=import-outside-toplevel
+  model, shape = GRID_MODELS[model_name]()
+  tx = optax.inject_hyperparams(optax.adam)(learning_rate=LR)
+  images = jnp.asarray(np.random.default_rng(seed).uniform(
+      -1, 1, (GRID_K * BATCH, *shape)), jnp.float32)
+  seeds = list(range(seed, seed + GRID_K))
+  if vmapped:
+    layout = grid_train.Layout.make(parallel.make_mesh(), GRID_K, BATCH)
+    state = grid_train.init_state(model, tx, shape, seeds, [LR] * GRID_K, layout)
+    step = grid_train.make_train_step(model, "gaussian", tx, layout)
+    idx = layout.put(jnp.arange(GRID_K * BATCH, dtype=jnp.int32).reshape(GRID_K, BATCH),
+                     layout.batch)
+    betas = layout.put(jnp.full((GRID_K,), 2.0, jnp.float32))
+    runner = Runner(step, (state, layout.put(images, layout.replicated), idx, betas,
+                           layout.put(jnp.asarray(seeds, jnp.int32)),
+                           layout.put(jnp.ones((GRID_K,), bool))), carry=True)
+    return runner, lambda: xla_flops(runner.compiled())
+  likelihood = likelihood_lib.Likelihood("gaussian", 2.0)
+  runners = []
+  for k, member_seed in enumerate(seeds):
+    variables = model.init(trainer.purpose_key(member_seed, trainer.INIT),
+                           jnp.zeros((1, *shape)), train=False)
+    setup = Setup(model, flax.core.unfreeze(variables), images[k * BATCH:(k + 1) * BATCH],
+                  likelihood)
+    runners.append(_train_runner(setup, trainer.purpose_key(member_seed, trainer.TRAIN)))
+  return SequentialRunner(runners), lambda: GRID_K * xla_flops(runners[0].compiled())
+
+
+def grid_step_record(case_id: str, timing: Timing, peak_gflops: float, seed: int = 0,
+                     verbose: bool = False) -> dict:
+  """Times one grid step case; images/s counts every member's images (K·B per call)."""
+  model_name, kind = case_id.split("/")[1].rsplit("_", 1)
+  vmapped = kind.startswith("vmapped")
+  runner, count_flops = _grid_runner(model_name, vmapped, seed)
+  t0 = time.perf_counter()
+  runner()
+  compile_s = time.perf_counter() - t0
+  flops = count_flops()
+  timer = CaseTimer(runner, timing)
+  for _ in range(timing.rounds):
+    timer.run_round()
+  r = timer.summary()
+  sec, images = r["sec_per_call_median"], GRID_K * BATCH
+  r.update(members=GRID_K, batch_per_member=BATCH, compile_s=compile_s,
+           description=GRID_DESCRIPTIONS["vmapped" if vmapped else "sequential"],
+           images_per_s=images / sec, images_per_s_per_member=BATCH / sec,
+           flops_per_call=flops, gflops=flops / sec / 1e9,
+           fraction_of_peak=flops / sec / 1e9 / peak_gflops)
+  _log(f"{case_id:28s} {r['images_per_s_per_member']:9.1f} images/s per member "
+       f"(compile {compile_s:.2f} s)", verbose)
+  return r
+
+
+def grid_runs_record(steps: int, verbose: bool = False) -> dict:
+  """End to end: configs/grid_digits.py's first group (8 members, `steps` steps each)
+  trained by the grid against the same 8 configs trained by `trainer` one after another,
+  compilation and data included; images/s per member = every member's images / wall / K."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+
+  from jaxad import grid_axes, grid_train, parallel, trainer  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = grid_axes.load_experiment(os.path.join(root, "configs", "grid_digits.py"))
+  config.train.num_steps = steps
+  config.train.progress_bar = False
+  config.train.checkpoint_every_steps = steps
+  group = grid_axes.plan(config)[0]
+  assert len(group.members) == GRID_K, len(group.members)
+  images = GRID_K * steps * config.train.batch_size
+  scratch = tempfile.mkdtemp(prefix="jaxad_bench_grid_")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  quiet = logging.getLogger("jaxad")
+  level = quiet.level
+  quiet.setLevel(logging.WARNING)  # the trainer's and the grid's progress lines
+  try:
+    t0 = time.perf_counter()
+    grid_train.train_group(group, os.path.join(scratch, "grid"), mesh, progress=False)
+    grid_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for m in group.members:
+      trainer.train_and_evaluate(m.config, os.path.join(scratch, f"run{m.index}"),
+                                 devices=jax.devices()[:1])
+    runs_s = time.perf_counter() - t0
+  finally:
+    quiet.setLevel(level)
+    shutil.rmtree(scratch, ignore_errors=True)
+  r = dict(members=GRID_K, steps=steps, batch_per_member=config.train.batch_size,
+           description="configs/grid_digits.py group g000 (conv VAE 16x16, 8 members): "
+                       "grid_train.train_group vs 8 trainer.train_and_evaluate runs, "
+                       "one device, compilation and data pipeline included",
+           grid_s=grid_s, sequential_runs_s=runs_s,
+           grid_images_per_s_per_member=images / grid_s / GRID_K,
+           sequential_images_per_s_per_member=images / runs_s / GRID_K,
+           speedup=runs_s / grid_s)
+  _log(f"grid/runs{GRID_K}: grid {grid_s:.1f} s, {GRID_K} runs {runs_s:.1f} s "
+       f"(x{r['speedup']:.1f})", verbose)
+  return r
+
+
+def run_grid_cases(case_ids: Sequence[str], timing: Timing, peak_gflops: float,
+                   verbose: bool = False) -> dict:
+  """Every selected grid case: step records and, with grid/runs8, the end-to-end one."""
+  out = {}
+  for cid in case_ids:
+    if cid.startswith("grid/runs"):
+      out[cid] = grid_runs_record(60 if timing == QUICK else 240, verbose)
+    else:
+      out[cid] = grid_step_record(cid, timing, peak_gflops, verbose=verbose)
+  for m in GRID_MODELS:
+    v, s = out.get(f"grid/{m}_vmapped{GRID_K}"), out.get(f"grid/{m}_sequential{GRID_K}")
+    if v and s:
+      v["speedup_over_sequential"] = v["images_per_s"] / s["images_per_s"]
+  return out
+
+
+def grid_table(grid: dict) -> str:
+  """One row per grid case: images/s per member (and the speed-up where paired)."""
+  rows = ["| grid case | images/s per member | compile s | speed-up |", "|---|---|---|---|"]
+  for cid, r in grid.items():
+    if "grid_s" in r:
+      rows.append(f"| {cid} (grid) | {r['grid_images_per_s_per_member']:.1f} | incl. | "
+                  f"{r['speedup']:.2f} |")
+      rows.append(f"| {cid} (8 trainer runs) | "
+                  f"{r['sequential_images_per_s_per_member']:.1f} | incl. | 1 |")
+      continue
+    up = r.get("speedup_over_sequential")
+    rows.append(f"| {cid} | {r['images_per_s_per_member']:.1f} | {r['compile_s']:.2f} | "
+                f"{'-' if up is None else f'{up:.2f}'} |")
+  return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 def run(selectors: Sequence[str], timing: Timing = FULL, *, out: str = "bench.json",
@@ -511,20 +755,28 @@ def run(selectors: Sequence[str], timing: Timing = FULL, *, out: str = "bench.js
 
   Returns the results written (None when no selected case is available yet).
   """
-  chosen, later = select_cases(selectors)
+  grid_cases, selectors = select_grid_cases(selectors)
+  chosen, later = select_cases(selectors) if selectors or not grid_cases else ([], [])
   torch_results = files.read_json(torch_json) if torch_json else None
   _log(f"# jaxad.bench: jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-       f"{len(chosen)} cases, {'quick' if timing == QUICK else 'full'} timing", verbose)
+       f"{len(chosen) + len(grid_cases)} cases, "
+       f"{'quick' if timing == QUICK else 'full'} timing", verbose)
   for line in not_yet_lines(later):
     print(line, flush=True)
-  if not chosen:
+  if not chosen and not grid_cases:
     return None
   results = benchmark(chosen, timing, torch_results=torch_results, peak_sizes=peak_sizes,
                       verbose=verbose)
+  if grid_cases:
+    t0 = time.time()
+    results["grid"] = run_grid_cases(grid_cases, timing, results["peak_gflops"], verbose)
+    results["meta"]["wall_s"] = round(results["meta"]["wall_s"] + time.time() - t0, 1)
+    _log("\n" + grid_table(results["grid"]), verbose)
   results["meta"]["quick"] = timing == QUICK
   results["not_available_yet"] = later
   files.write_json(out, results)
-  _log("\n" + markdown_table(results) + "\n", verbose)
+  if results["cases"]:
+    _log("\n" + markdown_table(results) + "\n", verbose)
   _log(f"# peak {results['peak_gflops']:.1f} GFLOP/s ({results['peak_note']}); "
        f"wrote {out} in {results['meta']['wall_s']} s", verbose)
   return results
@@ -540,9 +792,10 @@ def main(argv):
   if FLAGS.list:
     print("\n".join(CASE_IDS))
     print("\n".join("# " + line for line in not_yet_lines(list(NOT_YET))))
+    print("\n".join(f"# {cid} (--case=grid)" for cid in GRID_CASE_IDS))
     return
   try:
-    select_cases(FLAGS.case)
+    select_cases(select_grid_cases(FLAGS.case)[1])
   except ValueError as e:
     sys.exit(f"error: {e}")
   run(FLAGS.case, QUICK if FLAGS.quick else FULL, out=FLAGS.out, torch_json=FLAGS.torch_json)

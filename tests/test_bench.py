@@ -5,15 +5,19 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxad import bench
+from jaxad.models import unet
 
 # One timed call per case, a tiny peak matmul: only the plumbing is under test.
 TINY = bench.Timing(rounds=1, warmup=0, min_repeats=1, max_repeats=1, budget_s=0.0,
                     min_repeat_s=0.0, peak_repeats=1, peak_min_s=0.0)
 MODELS = ("conv128", "conv64", "mlp28")
 CASES = ("train_step", "score_elbo", "score_iwae_L15", "pixel_grads")
+SCORE_IDS = ("score64/train_step", "score64/score_map")
 RECORD_FIELDS = (
     "sec_per_call_median", "sec_per_call_min", "sec_per_call_max", "sec_per_call_iqr",
     "sec_per_call_round_medians", "repeats", "calls_per_repeat", "rounds", "batch",
@@ -21,8 +25,8 @@ RECORD_FIELDS = (
     "gflops", "fraction_of_peak", "reference_mflop_per_image", "gflops_reference_count")
 
 
-def test_case_ids_are_the_twelve_reference_cases():
-  assert bench.CASE_IDS == tuple(f"{m}/{c}" for m in MODELS for c in CASES)
+def test_case_ids_are_the_reference_cases():
+  assert bench.CASE_IDS == tuple(f"{m}/{c}" for m in MODELS for c in CASES) + SCORE_IDS
   assert set(bench.REFERENCE_MFLOP) == set(bench.CASE_IDS)
 
 
@@ -31,13 +35,15 @@ def test_list_flag_prints_every_case_id():
                        capture_output=True, text=True).stdout
   ids = [line for line in out.splitlines() if line and not line.startswith("#")]
   assert ids == list(bench.CASE_IDS)
-  assert "score64/score_map: not available yet" in out
+  assert "gan/latent_search: not available yet" in out
 
 
 @pytest.mark.parametrize("selectors, expected", [
     ([], list(bench.CASE_IDS)),
+    (["score64"], list(SCORE_IDS)),
+    (["score_map"], ["score64/score_map"]),
     (["conv64"], [f"conv64/{c}" for c in CASES]),
-    (["train_step"], [f"{m}/train_step" for m in MODELS]),
+    (["train_step"], [f"{m}/train_step" for m in MODELS] + ["score64/train_step"]),
     (["mlp28/pixel_grads"], ["mlp28/pixel_grads"]),
     (["score_iwae"], [f"{m}/score_iwae_L15" for m in MODELS]),
     (["mlp28/score_elbo, conv128", "conv64/train_step"],
@@ -49,9 +55,9 @@ def test_select_cases(selectors, expected):
 
 
 def test_select_cases_reports_later_cases_apart():
-  chosen, later = bench.select_cases(["score64", "mlp28/train_step"])
+  chosen, later = bench.select_cases(["gan", "mlp28/train_step"])
   assert chosen == ["mlp28/train_step"]
-  assert later == ["score64/train_step", "score64/score_map"]
+  assert later == ["gan/latent_search"]
   assert bench.select_cases([])[1] == list(bench.NOT_YET)
 
 
@@ -94,6 +100,33 @@ def test_train_step_carries_its_state():
   assert all(not leaf.is_deleted() for leaf in jax.tree.leaves(setup.variables))
 
 
+def _tiny_score_setup():
+  model = unet.UNet(out_channels=3, base_width=8, channel_mult=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(4,), dropout=0.0, groups=4)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1.0, maxval=1.0)
+  variables = model.init(jax.random.key(1), x[:1], jnp.zeros((1,)), train=False)
+  return bench.Setup(model, variables, x, None)
+
+
+def test_score_map_is_the_mean_abs_score_at_small_t():
+  setup = _tiny_score_setup()
+  got = bench.make_runner("score_map", setup)()
+  label = jnp.full((4,), 999 * 1e-3)
+  eps = np.asarray(setup.model.apply(setup.variables, setup.x, label, train=False), np.float64)
+  # σ(t)² = 1 − exp(−(t²(β1 − β0)/2 + t·β0)) of the continuous VP-SDE, in float64.
+  t = 1e-3
+  sigma = np.sqrt(-np.expm1(-(0.5 * t * t * (20.0 - 0.1) + t * 0.1)))
+  np.testing.assert_allclose(got, np.abs(eps / sigma).mean(-1), rtol=1e-4)
+  assert got.shape == (4, 8, 8)
+
+
+def test_score_train_step_lowers_the_dsm_loss_and_carries_its_state():
+  runner = bench.make_runner("train_step", _tiny_score_setup())
+  losses = [float(runner()[1]) for _ in range(30)]
+  assert int(runner.args[0][2]) == 30
+  assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
 def test_torch_results_add_a_ratio_column():
   record = {"images_per_s": 200.0, "compile_s": 1.0, "flops_per_image": 2.1e7,
             "gflops": 4.0, "fraction_of_peak": 0.1, "reference_mflop_per_image": 20.5}
@@ -110,3 +143,20 @@ def test_torch_results_add_a_ratio_column():
   table = bench.markdown_table(results)
   assert "| jaxad/torch |" in table.splitlines()[0]
   assert "| 100.0 | 2.00 |" in table
+
+
+def test_grid_cases_are_selected_by_name_and_timed(tmp_path):
+  assert bench.select_grid_cases([]) == ([], [])
+  chosen, rest = bench.select_grid_cases(["grid/mlp28", "conv64"])
+  assert chosen == ["grid/mlp28_vmapped8", "grid/mlp28_sequential8"] and rest == ["conv64"]
+  with pytest.raises(ValueError, match="grid cases are"):
+    bench.select_grid_cases(["grid/nope"])
+  out = tmp_path / "bench.json"
+  results = bench.run(["grid/conv16"], TINY, out=str(out), peak_sizes=(128,), verbose=False)
+  assert results["cases"] == {} and set(results["grid"]) == {
+      "grid/conv16_vmapped8", "grid/conv16_sequential8"}
+  vmapped = results["grid"]["grid/conv16_vmapped8"]
+  assert vmapped["members"] == 8 and vmapped["images_per_s_per_member"] > 0
+  assert vmapped["images_per_s"] == pytest.approx(8 * vmapped["images_per_s_per_member"])
+  assert vmapped["speedup_over_sequential"] > 0 and vmapped["flops_per_call"] > 0
+  assert json.loads(out.read_text())["grid"].keys() == results["grid"].keys()
