@@ -11,8 +11,9 @@ import ml_collections
 
 from jaxad.errors import CheckpointError, ConfigError
 
-SOURCES = ("tfds", "folder", "csv", "npz", "digits", "synthetic")
-MODEL_NAMES = {"vae": ("conv_vae", "mlp_vae"), "score": ("unet",)}
+SOURCES = ("tfds", "folder", "nifti", "csv", "npz", "digits", "synthetic")
+MODEL_NAMES = {"vae": ("conv_vae", "mlp_vae"), "score": ("unet",),
+               "gan": ("dcgan", "wgan_gp")}
 # Keys whose change makes an existing checkpoint unusable (parameter shapes, data shapes).
 ARCHITECTURE_KEYS = ("model", "data.image_size", "data.depth", "data.channels")
 # Keys whose being on (> 0) or off changes the train state's structure.
@@ -36,9 +37,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(d.source, SOURCES, "data.source")
   if d.source == "tfds" and not d.name:
     raise ConfigError("data.source='tfds' needs data.name (e.g. --config.data.name=mnist)")
-  if d.source in ("folder", "csv", "npz") and not d.path:
-    raise ConfigError(f"data.source={d.source!r} needs data.path (the "
-                      f"{ {'folder': 'image folder root', 'csv': 'CSV file', 'npz': '.npz file'}[d.source]})")
+  if d.source in ("folder", "nifti", "csv", "npz") and not d.path:
+    what = {"folder": "image folder root", "nifti": "NIfTI folder root", "csv": "CSV file",
+            "npz": ".npz file"}[d.source]
+    raise ConfigError(f"data.source={d.source!r} needs data.path (the {what})")
   if bool(tuple(d.normal_classes)) == bool(tuple(d.anomalous_classes)):
     raise ConfigError("set exactly one of data.normal_classes and data.anomalous_classes "
                       f"(got {tuple(d.normal_classes)!r} and {tuple(d.anomalous_classes)!r})")
@@ -59,6 +61,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(m.latent_dim, "model.latent_dim")
   if m.family == "score":
     _validate_score_eval(config.eval)
+  if m.family == "gan":
+    _positive(m.latent_dim, "model.latent_dim")
+    _validate_gan(m.gan, config.eval)
   _positive(t.batch_size, "train.batch_size")
   _positive(t.learning_rate, "train.learning_rate")
   _positive(t.checkpoint_every_steps, "train.checkpoint_every_steps")
@@ -73,6 +78,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= t.ema_rate < 1.0:
     raise ConfigError(f"train.ema_rate={t.ema_rate} must be in [0, 1) (0 turns it off; "
                       "0.999 or 0.9999 are usual)")
+
+
+def _validate_gan(g: ml_collections.ConfigDict, e: ml_collections.ConfigDict) -> None:
+  _choice(g.generator_norm, ("batch", "none"), "model.gan.generator_norm")
+  _choice(g.discriminator_norm, ("", "batch", "layer", "none"), "model.gan.discriminator_norm")
+  if g.critic_steps < 0:
+    raise ConfigError(f"model.gan.critic_steps={g.critic_steps} must be >= 0 (0 = the "
+                      "loss's usual: 1 for dcgan, 5 for wgan_gp)")
+  if g.gp_weight < 0:
+    raise ConfigError(f"model.gan.gp_weight={g.gp_weight} must be >= 0 (10 in WGAN-GP)")
+  _positive(e.latent_steps, "eval.latent_steps")
+  _positive(e.latent_lr, "eval.latent_lr")
+  if not 0.0 <= e.latent_momentum < 1.0:
+    raise ConfigError(f"eval.latent_momentum={e.latent_momentum} must be in [0, 1)")
+  if not 0.0 <= e.latent_lambda <= 1.0:
+    raise ConfigError(f"eval.latent_lambda={e.latent_lambda} must be in [0, 1] (0.5 in AnoGAN)")
 
 
 def _validate_score_eval(e: ml_collections.ConfigDict) -> None:

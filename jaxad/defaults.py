@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # The only seed: data order, init, z samples all derive from it.
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "digits"  # tfds | folder | csv | npz | digits | synthetic
+  d.source = "digits"  # tfds | folder | nifti | csv | npz | digits | synthetic
   d.name = ""  # tfds: dataset name, e.g. "mnist", "fashion_mnist".
   d.data_dir = ""  # tfds: where prepared datasets live ("" = tfds default).
   d.image_key = "image"  # tfds: feature holding the image.
@@ -48,9 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
       max_radius=0.2, intensity=0.6, noise_std=0.5, seed=0))
 
   c.model = m = ml_collections.ConfigDict()
-  m.family = "vae"  # vae | score (SANO's VP-SDE score model)
-  m.name = "conv_vae"  # vae: conv_vae | mlp_vae; score: unet
-  m.latent_dim = 16
+  m.family = "vae"  # vae | score (SANO's VP-SDE score model) | gan (latent search)
+  m.name = "conv_vae"  # vae: conv_vae | mlp_vae; score: unet; gan: dcgan | wgan_gp
+  m.latent_dim = 16  # vae: posterior dimension; gan: z dimension (100 in DCGAN).
   m.widths = (16, 32, 64)  # conv: channels per stride-2 block; () = DCGAN default.
   m.base_width = 32  # conv: first width of the DCGAN default.
   m.norm = "batch"  # conv: batch | none
@@ -75,6 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
       discrete=False,  # True: DDPM's N-step chain (t on the grid i/(N−1))
       t_eps=1e-5,  # continuous: training t ~ U(t_eps, 1)
       weighting="sigma2"))  # DSM weight λ(t): sigma2 (σ_t², usual) | likelihood (β(t))
+  m.gan = ml_collections.ConfigDict(dict(  # gan: sides b·2^k, b in 4..7 (28 = 7·2²)
+      generator_norm="batch",  # batch | none
+      discriminator_norm="",  # '' = batch for dcgan, layer for wgan_gp | batch | layer | none
+      critic_steps=0,  # discriminator updates per generator update (0 = 1 dcgan, 5 wgan_gp)
+      gp_weight=10.0,  # wgan_gp: gradient penalty weight λ
+      max_width=512))  # cap of the default widths (model.widths=())
 
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 64  # global batch for scoring (padded; every image scored once).
@@ -88,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   e.bootstrap = 50  # bootstrap resamples for the AUROC intervals (0 = off).
   e.pixel_bootstrap_bins = 256  # per-image histogram bins behind the pixel intervals.
   e.num_examples = 8  # images shown in the report's grids.
+  e.latent_steps = 100  # gan: latent-search steps per image (AnoGAN; the thesis: 100)
+  e.latent_lr = 1e-3  # gan: SGD learning rate of the search (the loss sums over pixels)
+  e.latent_momentum = 0.9  # gan: SGD momentum
+  e.latent_lambda = 0.5  # gan: λ, weight of the discriminator-feature term
   e.sano = ml_collections.ConfigDict(dict(  # score models (Gonzalez-Jimenez et al.)
       t=1e-3,  # the map: score s(x, t) of the clean image at this small t
       smooth_sigma=2.0,  # gaussian filter of the map (pixels)

@@ -7,6 +7,7 @@ seed and the epoch, so a run restarted from its latest checkpoint draws exactly 
 uninterrupted run draws and ends with the same parameters.
 """
 
+import functools
 import logging
 import os
 import time
@@ -36,7 +37,7 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimiser steps taken
   params: Any
   model_state: Any  # mutable collections (batch_stats) or {}
-  opt_state: Any  # optax state; learning rate lives in opt_state.hyperparams
+  opt_state: Any  # optax state (per network for a GAN); learning rate in its hyperparams
   ema_params: Any  # exponential moving average of params (train.ema_rate > 0), else {}
   best_val: jax.Array  # best validation loss so far (−ELBO in nats, or DSM)
   bad_epochs: jax.Array  # epochs since best_val improved
@@ -66,14 +67,31 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.inject_hyperparams(adam)(learning_rate=t.learning_rate)
 
 
+def _is_hyper(x) -> bool:
+  """An optax.inject_hyperparams state (its class differs across optax versions)."""
+  return hasattr(x, "hyperparams") and hasattr(x, "_replace")
+
+
+def _hyper_states(opt_state) -> list:
+  """Every inject_hyperparams state in opt_state (one, or one per network of a GAN)."""
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=_is_hyper) if _is_hyper(s)]
+
+
+def learning_rate(opt_state) -> float:
+  """The current train.learning_rate (shared by every optimiser state)."""
+  return float(_hyper_states(opt_state)[0].hyperparams["learning_rate"])
+
+
 def create_state(family, tx, shape, seed, mesh, ema: bool = False) -> TrainState:
   """Initialises parameters directly replicated on every device of the mesh."""
   def init():
     variables = family.init(purpose_key(seed, INIT), shape)
     params = variables.pop("params")
+    init_opt = getattr(family, "init_opt_state", None)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
-        opt_state=tx.init(params), ema_params=params if ema else {},
+        opt_state=init_opt(tx, params) if init_opt else tx.init(params),
+        ema_params=params if ema else {},
         best_val=jnp.full((), jnp.inf, jnp.float32),
         bad_epochs=jnp.zeros((), jnp.int32), stopped=jnp.zeros((), jnp.int32))
   return jax.jit(init, out_shardings=parallel.replicated(mesh))()
@@ -84,22 +102,33 @@ def eval_params(state: TrainState):
   return state.ema_params if state.ema_params else state.params
 
 
+def gradient_update(family, tx, params, model_state, opt_state, images, rng):
+  """One optimiser step on the gradient of family.train_loss (VAE, score model)."""
+  (loss, (metrics, updates)), grads = jax.value_and_grad(
+      family.train_loss, has_aux=True)(params, model_state, images, rng)
+  param_updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, param_updates)
+  metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+  return params, {**model_state, **updates}, opt_state, metrics
+
+
 def make_train_step(family, tx, seed, mesh, ema_rate: float = 0.0):
-  """The jit-compiled step: the family's loss, its gradient, Adam, the EMA, metrics."""
+  """The jit-compiled step: the family's update (by default the gradient of its loss
+  and Adam), the EMA, metrics."""
   train_key = purpose_key(seed, TRAIN)
+  update = getattr(family, "train_update", None) or functools.partial(gradient_update,
+                                                                       family)
 
   def step(state: TrainState, images: jax.Array):
     rng = jax.random.fold_in(train_key, state.step)
-    (loss, (metrics, updates)), grads = jax.value_and_grad(
-        family.train_loss, has_aux=True)(state.params, state.model_state, images, rng)
-    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, param_updates)
+    params, model_state, opt_state, metrics = update(
+        tx, state.params, state.model_state, state.opt_state, images, rng)
     ema = state.ema_params
     if ema_rate:
       ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, ema, params)
     state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                          model_state={**state.model_state, **updates}, opt_state=opt_state)
-    return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+                          model_state=model_state, opt_state=opt_state)
+    return state, metrics
 
   replicated = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
@@ -132,10 +161,15 @@ def validation_loss(val_step, state, split, config, mesh) -> float:
 
 
 def _set_learning_rate(state: TrainState, value: float, mesh) -> TrainState:
-  hyper = dict(state.opt_state.hyperparams)
-  hyper["learning_rate"] = parallel.put_replicated(
-      jnp.asarray(value, hyper["learning_rate"].dtype), mesh)
-  return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+  def set_rate(s):
+    if not _is_hyper(s):
+      return s
+    hyper = dict(s.hyperparams)
+    hyper["learning_rate"] = parallel.put_replicated(
+        jnp.asarray(value, hyper["learning_rate"].dtype), mesh)
+    return s._replace(hyperparams=hyper)
+  opt_state = jax.tree.map(set_rate, state.opt_state, is_leaf=_is_hyper)
+  return state.replace(opt_state=opt_state)
 
 
 def end_of_epoch(state: TrainState, val_loss: float, config, mesh) -> TrainState:
@@ -144,7 +178,7 @@ def end_of_epoch(state: TrainState, val_loss: float, config, mesh) -> TrainState
   improved = val_loss < float(state.best_val) - t.min_delta
   best = val_loss if improved else float(state.best_val)
   bad = 0 if improved else int(state.bad_epochs) + 1
-  lr = float(state.opt_state.hyperparams["learning_rate"])
+  lr = learning_rate(state.opt_state)
   if t.plateau_patience and bad and bad % t.plateau_patience == 0:
     lr *= t.plateau_factor
     log.info("validation loss plateaued for %d epochs: learning rate -> %.3g", bad, lr)
@@ -281,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         now = time.perf_counter()
         means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
         means["images_per_second"] = len(window) * t.batch_size / (now - tick)
-        means["learning_rate"] = float(state.opt_state.hyperparams["learning_rate"])
+        means["learning_rate"] = learning_rate(state.opt_state)
         writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
         bar.set_postfix(loss=f"{means['loss']:.4g}", img_s=f"{means['images_per_second']:.0f}")
         log.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in means.items()))

@@ -29,11 +29,12 @@ def test_config_validates_and_builds(path):
   module = load(path)
   assert module.__doc__ and "python -m jaxad.train" in module.__doc__
   config = module.get_config()
-  if config.data.source in ("folder", "csv", "npz"):
+  if config.data.source in ("folder", "nifti", "csv", "npz"):
     config.data.path = "/data/placeholder"
   config_lib.validate(config)
-  family, _ = trainer.build(config, spatial_ndim=2)
-  shape = trainer.image_shape(config, 2)
+  ndim = 3 if config.data.source == "nifti" or config.data.ndim == 3 else 2
+  family, _ = trainer.build(config, spatial_ndim=ndim)
+  shape = trainer.image_shape(config, ndim)
   variables = jax.eval_shape(functools.partial(family.init, shape=shape), jax.random.key(0))
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])) > 0
 

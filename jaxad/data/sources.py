@@ -8,9 +8,10 @@ the pipeline maps the dtype's range, float 0..1, unless data.intensity_range say
 otherwise), with a trailing channel axis (H×W×C for images, D×H×W×1 for volumes), and
 masks as uint8 in {0, 1} with one channel.
 
-Sources by `data.source`: tfds, folder (`ROOT/<split>/<class>/*.png`), csv (ISIC 2018),
-npz (MedMNIST), digits (scikit-learn 8×8 digits) and synthetic (smooth fields with
-bright elliptic lesions, for tests).
+Sources by `data.source`: tfds, folder (`ROOT/<split>/<class>/*.png`), nifti (the same
+layout with one `.nii`/`.nii.gz` volume per file), csv (ISIC 2018), npz (MedMNIST),
+digits (scikit-learn 8×8 digits) and synthetic (smooth fields with bright elliptic
+lesions, for tests).
 """
 
 import csv
@@ -446,6 +447,93 @@ def _image_files(folder: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------
+# nifti: ROOT/<split>/<class>/*.nii[.gz], masks in ROOT/<split>/masks/<class>/.
+
+NIFTI_EXTS = (".nii", ".nii.gz")
+
+
+def _nifti_files(folder: str) -> list[str]:
+  if not os.path.isdir(folder):
+    return []
+  return sorted(f for f in os.listdir(folder) if not f.startswith(".")
+                and f.lower().endswith(NIFTI_EXTS) and os.path.isfile(os.path.join(folder, f)))
+
+
+def _nifti_stem(name: str) -> str:
+  return name[:-len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[:-len(".nii")]
+
+
+def read_nifti(path: str) -> np.ndarray:
+  """A NIfTI volume as D×H×W×1 in its stored dtype (uint8, uint16 or float32).
+
+  The file's (x, y, z) axes are reversed to (z, y, x) = D×H×W, so slicing D gives the
+  axial slices of an RAS-oriented brain MRI; a trailing axis of length 1 (x, y, z, 1)
+  is dropped. Intensity scaling in the header (scl_slope) gives float32.
+  """
+  try:
+    import nibabel  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ConfigError("data.source='nifti' needs nibabel: pip install 'jaxad[nifti]' "
+                      "(or pip install nibabel)") from None
+  try:
+    volume = np.asanyarray(nibabel.load(path).dataobj)
+  except Exception as e:  # nibabel raises many kinds on a corrupt file
+    raise DataError(f"cannot read NIfTI volume {path} ({_first_line(e)}); remove or "
+                    "replace the file") from None
+  if volume.ndim == 4 and volume.shape[-1] == 1:
+    volume = volume[..., 0]
+  if volume.ndim != 3:
+    raise DataError(f"NIfTI file {path} has shape {volume.shape}: one 3-D volume per "
+                    "file is expected (split 4-D series into one file per volume)")
+  return _standard_dtype(np.ascontiguousarray(volume.transpose(2, 1, 0)), path)[..., None]
+
+
+def _nifti_source(data, split: str, key: str) -> Source:
+  """A folder of NIfTI volumes, ROOT/<split>/<class>/*.nii[.gz], as brain-MRI users keep
+  them; optional masks ROOT/<split>/masks/<class>/<same stem>.nii[.gz] (a volume
+  without one gets an all-zero mask)."""
+  root = data.get("path", "")
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    if not os.path.isdir(root):
+      raise DataError(f"NIfTI folder {root!r} does not exist: check data.path")
+    raise DataError(f"split folder {split_dir} does not exist: {_split_hint(key)}")
+  class_names = _folder_classes(root, _config_splits(data, split))
+  masks_dir = os.path.join(split_dir, MASKS_FOLDER)
+  has_masks = os.path.isdir(masks_dir)
+  paths, ids, labels, mask_paths = [], [], [], []
+  for label, cls in enumerate(class_names):
+    mask_by_stem = {_nifti_stem(m): m for m in _nifti_files(os.path.join(masks_dir, cls))}
+    for f in _nifti_files(os.path.join(split_dir, cls)):
+      paths.append(os.path.join(split_dir, cls, f))
+      ids.append(f"{cls}/{f}")
+      labels.append(label)
+      mask = mask_by_stem.get(_nifti_stem(f))
+      mask_paths.append(None if mask is None else os.path.join(masks_dir, cls, mask))
+  if not paths:
+    raise DataError(f"no NIfTI volumes found under {split_dir}/<class>/ (looked for "
+                    f"*.nii and *.nii.gz in class folders {list(class_names)}): check "
+                    "data.path")
+
+  def reader(i):
+    volume = read_nifti(paths[i])
+    if not has_masks:
+      return volume, None
+    if mask_paths[i] is None:
+      return volume, np.zeros(volume.shape[:-1] + (1,), np.uint8)
+    mask = _binary_mask(read_nifti(mask_paths[i])[..., 0], 3)
+    if mask.shape[:3] != volume.shape[:3]:
+      raise DataError(f"mask {mask_paths[i]} is {mask.shape[:3]} but volume {paths[i]} "
+                      f"is {volume.shape[:3]}: masks must match their volume")
+    return volume, mask
+
+  return Source(
+      name=f"nifti:{root}[{split}]", class_names=class_names,
+      labels=np.asarray(labels, np.int32), ids=_str_array(ids), groups=None,
+      has_masks=has_masks, spatial_ndim=3, reader=reader)
+
+
+# ----------------------------------------------------------------------------------
 # csv: ISIC 2018 ground-truth tables.
 
 
@@ -790,6 +878,7 @@ def _ellipse(rng, yy, xx, size: int) -> np.ndarray:
 _LOADERS = {
     "tfds": _tfds_source,
     "folder": _folder_source,
+    "nifti": _nifti_source,
     "csv": _csv_source,
     "npz": _npz_source,
     "digits": _digits_source,

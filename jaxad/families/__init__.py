@@ -9,8 +9,15 @@ module with its objective and its scores:
   score(variables, x, rng, with_maps)   → ({sample score: (B,)}, {pixel map: (B, *spatial)})
   reconstruct(variables, x)             → what the report shows beside each image, or None
 
-and names its `val_metric`, `sample_scores` and `pixel_maps`. The trainer and the eval
-binary only ever call these, so a new family is one new module here.
+and names its `val_metric`, `sample_scores` and `pixel_maps`. A family whose training
+step is not one gradient of one loss (the GAN's alternating updates) also defines
+
+  init_opt_state(tx, params)            → its optimiser state
+  train_update(tx, params, state, opt_state, x, rng)
+                                        → (params, state, opt_state, metrics with "loss")
+
+The trainer and the eval binary only ever call these, so a new family is one new module
+here.
 """
 
 import importlib
@@ -19,7 +26,7 @@ import ml_collections
 
 from jaxad.errors import ConfigError
 
-FAMILIES = ("vae", "score")  # module names in this package
+FAMILIES = ("vae", "score", "gan")  # module names in this package
 
 
 def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]):
