@@ -3,7 +3,9 @@
 Resume means exactly one thing, written here: restore the latest step found in
 `WORKDIR/checkpoints` into the structure (and shardings) of a freshly built state.
 Orbax writes each step to a temporary folder and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint intact.
+killed mid-save leaves the previous checkpoint intact. In a multi-process run every
+process calls `save` and `restore` (orbax writes each process's shards and process 0 the
+metadata, with barriers between), so the workdir must be one folder all processes see.
 """
 
 import os

@@ -5,7 +5,10 @@ when masks or synthetic lesions exist, every pixel map; writes DIR/eval/<split>/
 and .npz, DIR/eval/metrics.json and DIR/eval/report.html, and prints the headline table.
 Any config value can be overridden (`--config.eval.num_samples=100`,
 `--config.data.synthetic_lesions.enabled=True`). `--input=PATH` scores an unlabelled
-image folder or .npz instead (batch scoring, flat memory).
+image folder or .npz instead (batch scoring, flat memory). Multi-process: run the same
+command in every process (with `--coordinator_address`, `--num_processes`,
+`--process_id` where the cluster does not provide them); each scores its shard of every
+batch and process 0 writes the files.
 """
 
 import os
@@ -15,9 +18,12 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxad import parallel
+
 flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string("split", "test", "Which split to evaluate: train, val or test.")
 flags.DEFINE_string("input", None, "Score the unlabelled images in this folder or .npz instead.")
+parallel.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -51,10 +57,13 @@ def main(argv):
   from jaxad.errors import CheckpointError, ConfigError, DataError
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
+    parallel.initialize_from_flags()
     result = evaluation.evaluate(FLAGS.workdir, split=FLAGS.split, input_path=FLAGS.input,
                                  config=FLAGS.config)
   except (ConfigError, DataError, CheckpointError) as e:
     sys.exit(f"error: {e}")
+  if not parallel.is_main_process():
+    return
   print(evaluation.headline_table(result))
   print(f"results in {os.path.join(FLAGS.workdir, 'eval')}")
 

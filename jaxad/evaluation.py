@@ -5,6 +5,10 @@ carry `index` and `valid`), sample-wise with L samples in one pass and pixel-wis
 `jax.grad` maps when masks (or synthetic lesions) exist. Pixel AUROC/AUPRC and Dice/IoU
 stream over histograms, so memory stays flat however large the split; maps, when
 saved, go to disk batch by batch. Every file is written atomically.
+
+Multi-process: each process scores its shard of every global batch, then every process
+gathers the whole batch (`parallel.allgather`) and runs the same bookkeeping, so all
+return the same result and process 0 writes one scores file in the single-process order.
 """
 
 import functools
@@ -119,8 +123,9 @@ def healthy_map_stats(score_fn, variables, split, config, mesh, seed) -> dict:
     images = parallel.put_batch(batch["image"], mesh)
     _, maps = score_fn(variables, images, jax.random.fold_in(
         trainer.purpose_key(seed, HEALTHY), i))
-    valid = batch["valid"] > 0
-    for k, v in jax.device_get(maps).items():
+    maps, valid = parallel.allgather((maps, batch["valid"]))  # the whole global batch
+    valid = valid > 0
+    for k, v in maps.items():
       v = v[valid].astype(np.float64)
       total, squares, count, peak = sums.get(k, (0.0, 0.0, 0, -np.inf))
       sums[k] = (total + v.sum(), squares + (v * v).sum(), count + v.size,
@@ -178,10 +183,17 @@ def _sample_metrics(scores, anomalous, class_of, normal_classes, groups, config)
         k: metrics.bootstrap(metrics.auroc, anomalous, v, num_resamples=config.eval.bootstrap,
                              seed=config.seed, groups=groups, stratify=anomalous)
         for k, v in scores.items()}
-  out["logistic_regression"] = {
-      k: metrics.logistic_regression_auroc(v, anomalous, seed=config.seed)
-      for k, v in scores.items()}
+  out["logistic_regression"] = {k: _logreg(v, anomalous, config.seed)
+                                 for k, v in scores.items()}
   return out
+
+
+def _logreg(values, anomalous, seed) -> dict:
+  """The logistic-regression AUROC, or {"error"} when a class has too few images."""
+  try:
+    return metrics.logistic_regression_auroc(values, anomalous, seed=seed)
+  except DataError as err:
+    return {"error": str(err)}
 
 
 def _write_scores(out_dir, ids, index, class_of, anomalous, scores) -> None:
@@ -243,7 +255,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   curves, histograms = {}, {}  # per map: 3 PixelCurves; per-image histograms
   map_file = None
   shape = trainer.image_shape(config, source.spatial_ndim)
-  if with_maps and e.save_maps:
+  if with_maps and e.save_maps and parallel.is_main_process():
     map_file = _MapFile(os.path.join(out_dir, "maps.npz"), n, shape[:-1], family.pixel_maps)
 
   index, anomalous, class_of = [], [], []
@@ -259,8 +271,14 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     is_anomalous, mask = batch["anomalous"], batch.get("mask")
     if spec is not None:
       images, mask, is_anomalous = lesions_lib.add_lesions(images, batch["index"], spec)
-    out, maps = jax.device_get(score_fn(variables, parallel.put_batch(images, mesh),
-                                        jax.random.fold_in(key, b)))
+    out, maps = score_fn(variables, parallel.put_batch(images, mesh),
+                         jax.random.fold_in(key, b))
+    # From here on every process holds the whole global batch (images only while the
+    # report still wants examples: they are the largest thing to gather).
+    want_images = any(len(v) < e.num_examples // 2 for v in examples.values())
+    out, maps, mask, is_anomalous, images, batch = parallel.allgather(
+        (out, maps, mask, is_anomalous, images if want_images else None,
+         {k: batch[k] for k in ("index", "valid", "label")}))
     valid = batch["valid"] > 0
     rows = np.arange(seen, seen + int(valid.sum()))
     seen += len(rows)
@@ -288,7 +306,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
               v, m, curves[k][0].value_range, e.pixel_bootstrap_bins))
     if map_file is not None:
       map_file.write(rows, {k: v[valid] for k, v in maps.items()})
-    for j in np.flatnonzero(valid):
+    for j in np.flatnonzero(valid) if want_images else ():
       kind = "anomalous" if is_anomalous[j] else "normal"
       if len(examples[kind]) < e.num_examples // 2:
         examples[kind].append({"id": str(source.ids[batch["index"][j]]),
@@ -333,32 +351,37 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
         result["pixel"][k]["bootstrap"] = {"error": str(err)}
   if stats:
     result["healthy_map_stats"] = stats
-  if jax.process_index() == 0:
+  grid = None if input_path else _example_grid(examples, variables, family)
+  if parallel.is_main_process():
     path = os.path.join(workdir, "eval", "metrics.json")
     everything = files.read_json(path) if os.path.exists(path) else {}
     everything[name] = result
     files.write_json(path, everything)
     if not input_path:
-      _write_report(workdir, name, result, scores, class_of, anomalous, examples,
-                    variables, family)
+      _write_report(workdir, name, result, scores, class_of, anomalous, grid)
   return result
 
 
-def _write_report(workdir, name, result, scores, class_of, anomalous, examples,
-                  variables, family) -> None:
-  from jaxad import report
+def _example_grid(examples, variables, family) -> dict | None:
+  """The report's example images, reconstructions, maps and masks (on every process:
+  the reconstruction is a computation over the global mesh)."""
   chosen = examples["normal"] + examples["anomalous"]
-  grid = None
-  if chosen:
-    images = np.stack([x["image"] for x in chosen])
-    grid = {"ids": [x["id"] for x in chosen], "images": images}
-    recon = make_reconstruct_fn(family)(variables, images)
-    if recon is not None:
-      grid["reconstructions"] = jax.device_get(recon)
-    if chosen[0]["maps"]:
-      grid["maps"] = {k: np.stack([x["maps"][k] for x in chosen]) for k in chosen[0]["maps"]}
-    if chosen[0]["mask"] is not None:
-      grid["masks"] = np.stack([x["mask"] for x in chosen])
+  if not chosen:
+    return None
+  images = np.stack([x["image"] for x in chosen])
+  grid = {"ids": [x["id"] for x in chosen], "images": images}
+  recon = make_reconstruct_fn(family)(variables, images)
+  if recon is not None:
+    grid["reconstructions"] = parallel.allgather(recon)
+  if chosen[0]["maps"]:
+    grid["maps"] = {k: np.stack([x["maps"][k] for x in chosen]) for k in chosen[0]["maps"]}
+  if chosen[0]["mask"] is not None:
+    grid["masks"] = np.stack([x["mask"] for x in chosen])
+  return grid
+
+
+def _write_report(workdir, name, result, scores, class_of, anomalous, grid) -> None:
+  from jaxad import report
   report.write_report(os.path.join(workdir, "eval"), title=f"jaxad evaluation: {name} split",
                       metrics=result, scores=scores, class_names=class_of,
                       anomalous=anomalous, examples=grid)
@@ -368,23 +391,24 @@ def headline_table(result: dict) -> str:
   """The numbers people look for first, as a plain-text table."""
   lines = [f"{result['split']}: {result['num_images']} images, "
            f"{result['num_anomalous']} anomalous (checkpoint step {result['step']})"]
+  w = max([10] + [len(k) for k in (*result.get("sample", {}), *result.get("pixel", {}))])
   if "sample" in result:
-    lines.append(f"{'score':<10} {'AUROC':>7} {'AUPRC':>7} {'95% CI':>15} {'logreg':>7}")
+    lines.append(f"{'score':<{w}} {'AUROC':>7} {'AUPRC':>7} {'95% CI':>15} {'logreg':>7}")
     for k, row in result["sample"].items():
       ci = result.get("bootstrap", {}).get(k)
       ci = f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
-      lr = result["logistic_regression"][k]["auroc"]
-      lines.append(f"{k:<10} {row['all']['auroc']:>7.3f} {row['all']['auprc']:>7.3f} "
+      lr = result["logistic_regression"][k].get("auroc", float("nan"))
+      lines.append(f"{k:<{w}} {row['all']['auroc']:>7.3f} {row['all']['auprc']:>7.3f} "
                    f"{ci:>15} {lr:>7.3f}")
   if "pixel" in result:
-    lines.append(f"{'map':<10} {'pxAUROC':>7} {'95% CI':>15} {'pxAUPRC':>7} {'Dice@cal':>8} "
+    lines.append(f"{'map':<{w}} {'pxAUROC':>7} {'95% CI':>15} {'pxAUPRC':>7} {'Dice@cal':>8} "
                  f"{'Dice@PR':>8} {'Dice@Nσ':>8}")
     for k, m in result["pixel"].items():
       t = m["thresholds"]
       dice = lambda key: f"{t[key]['dice']:.3f}" if "dice" in t.get(key, {}) else "-"
       ci = m.get("bootstrap", {}).get("auroc")
       ci = f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
-      lines.append(f"{k:<10} {m['auroc']:>7.3f} {ci:>15} {m['auprc']:>7.3f} "
+      lines.append(f"{k:<{w}} {m['auroc']:>7.3f} {ci:>15} {m['auprc']:>7.3f} "
                    f"{dice('calibrated'):>8} {dice('pr_operating_point'):>8} "
                    f"{dice('n_sigma'):>8}")
   return "\n".join(lines)

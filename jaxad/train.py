@@ -2,7 +2,9 @@
 
 Override any config value with `--config.a.b=value` (the config is locked, so a
 mistyped key fails). Running the same command again resumes from the latest
-checkpoint in DIR.
+checkpoint in DIR. Multi-process (GPU cluster, TPU pod): run the same command in every
+process, adding `--coordinator_address`, `--num_processes`, `--process_id` where the
+cluster does not provide them (see launch/); DIR must be one folder all processes see.
 """
 
 import logging
@@ -12,9 +14,12 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxad import parallel
+
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, events and config.json.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
+parallel.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -32,11 +37,17 @@ def main(argv):
   logger = logging.getLogger("jaxad")
   logger.addHandler(handler)
   logger.propagate = False  # absl's root handler would print every line twice
+  logger.setLevel(logging.INFO)
   try:
+    parallel.initialize_from_flags()
+    if not parallel.is_main_process():
+      logger.setLevel(logging.WARNING)  # progress is logged by process 0 only
     with logging_redirect_tqdm([logging.getLogger("jaxad")]):
       _, summary = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ConfigError, DataError, CheckpointError) as e:
     sys.exit(f"error: {e}")
+  if not parallel.is_main_process():
+    return
   print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in sorted(summary.items())))
 
