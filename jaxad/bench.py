@@ -79,13 +79,12 @@ LR = 1e-4
 PEAK_SIZES = (1024, 2048)  # square float32 matmuls behind the peak rate
 VAE_CASES = ("train_step", "score_elbo", f"score_iwae_L{IWAE_L}", "pixel_grads")
 SCORE_CASES = ("train_step", "score_map")
+GAN_STEPS = 100  # latent-search steps per image (the thesis's MNIST protocol)
 MODEL_CASES = {"conv128": VAE_CASES, "conv64": VAE_CASES, "mlp28": VAE_CASES,
-               "score64": SCORE_CASES}
+               "score64": SCORE_CASES, "gan": ("latent_search",)}
 MODELS = tuple(MODEL_CASES)
 CASES = tuple(dict.fromkeys(c for cases in MODEL_CASES.values() for c in cases))
 CASE_IDS = tuple(f"{m}/{c}" for m, cases in MODEL_CASES.items() for c in cases)
-# Cases of the reference that come with later issues; selecting them prints a note.
-NOT_YET = {"gan/latent_search": "GAN latent search"}
 # The reference's case for each of ours (for --torch_json).
 TORCH_CASE = {f"score_iwae_L{IWAE_L}": f"score_iwae_L{IWAE_L}_batched"}
 # MFLOP per image of the reference (matmul/conv only), from its README results table.
@@ -110,6 +109,9 @@ DESCRIPTIONS = {
                           "(DSM, lambda=s^2); grads w.r.t. params; Adam(lr=1e-4) update",
     "score64/score_map": "eval; one forward at t=1e-3 on the clean batch; score=-net/s(t); "
                          "map=mean_c|score|",
+    "gan/latent_search": f"eval; AnoGAN latent search, {GAN_STEPS} SGD-momentum steps on z "
+                         "for every image of the batch at once (MNIST DCGAN 28x28, latent "
+                         "100); gan, gan_residual, gan_feature and the residual map",
 }
 FLOPS_NOTE = ("XLA cost analysis of the compiled function: every op, elementwise included, "
               "conv taps on padding excluded; the reference counts 2*MAC of every conv/mm "
@@ -137,7 +139,18 @@ SPECS = {
     "mlp28": ModelSpec(vae_models.mlp_vae_28, (28, 28, 1),
                        likelihood_lib.Likelihood("bernoulli", 1.0)),
     "score64": ModelSpec(unet_models.score_unet_64, (64, 64, 3), None),
+    "gan": ModelSpec(lambda: _mnist_gan(), (28, 28, 1), None),
 }
+
+
+def _mnist_gan():
+  """configs/mnist_gan.py's DCGAN (widths 64, 128; latent 100) as a GAN family object."""
+  from jaxad.families import gan as gan_family  # pylint: disable=import-outside-toplevel
+  from jaxad.models import gan as gan_models  # pylint: disable=import-outside-toplevel
+  widths = (64, 128)
+  return gan_family.GAN(generator=gan_models.Generator((28, 28, 1), 100, widths),
+                        discriminator=gan_models.Discriminator((28, 28, 1), widths),
+                        latent_steps=GAN_STEPS, latent_lr=1e-3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,22 +187,20 @@ def _matches(selector: str, case_id: str) -> bool:
       case_id.startswith(selector)
 
 
-def select_cases(selectors: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(available, not yet available) case ids picked by the selectors, in table order.
+def select_cases(selectors: Sequence[str]) -> list[str]:
+  """The case ids picked by the selectors, in table order.
 
   A selector is a model (`conv64`), a case or case prefix (`train_step`, `score_iwae`),
   or `model/case`; items may be comma lists. No selectors picks every case. An
   unknown selector raises ValueError naming the valid ones.
   """
   sel = [s.strip() for item in selectors for s in item.split(",") if s.strip()]
-  known = CASE_IDS + tuple(NOT_YET)
-  unknown = [s for s in sel if not any(_matches(s, c) for c in known)]
+  unknown = [s for s in sel if not any(_matches(s, c) for c in CASE_IDS)]
   if unknown:
     raise ValueError(
         f"unknown --case {unknown}; choose models {list(MODELS)}, cases {list(CASES)} "
         f"or model/case ids {list(CASE_IDS)} (comma lists and case prefixes work)")
-  chosen = [c for c in known if not sel or any(_matches(s, c) for s in sel)]
-  return [c for c in chosen if c in CASE_IDS], [c for c in chosen if c in NOT_YET]
+  return [c for c in CASE_IDS if not sel or any(_matches(s, c) for s in sel)]
 
 
 # --------------------------------------------------------------------------
@@ -228,6 +239,9 @@ def make_setup(name: str, seed: int = 0, batch: int = BATCH) -> Setup:
   model = spec.build()
   x = np.random.default_rng(seed).uniform(-1, 1, (batch, *spec.image_shape))
   x = jnp.asarray(x, jnp.float32)
+  if name == "gan":  # a family object: init(rng, shape)
+    variables = jax.jit(model.init, static_argnums=1)(jax.random.key(seed), spec.image_shape)
+    return Setup(model, variables, x, None)
   init = jax.jit(functools.partial(model.init, train=False))
   extra = () if spec.likelihood else (jnp.zeros((1,), jnp.float32),)  # the time label
   variables = flax.core.unfreeze(init(jax.random.key(seed), x[:1], *extra))
@@ -308,6 +322,9 @@ EVAL_CASES = {"score_elbo": _score_elbo, f"score_iwae_L{IWAE_L}": _score_iwae,
 def make_runner(case: str, s: Setup, seed: int = 0) -> Runner:
   """The runner of `case` (a name in CASES) for the model and batch of `s`."""
   key = jax.random.key(seed + 1)
+  if case == "latent_search":
+    fn = jax.jit(lambda v, x, k: s.model.score(v, x, k, with_maps=True))
+    return Runner(fn, (s.variables, s.x, key))
   if s.likelihood is None:  # the score model
     if case == "train_step":
       return _score_train_runner(s, key)
@@ -541,12 +558,6 @@ def markdown_table(results: dict) -> str:
   return "\n".join(rows)
 
 
-def not_yet_lines(case_ids: Sequence[str]) -> list[str]:
-  """One line per selected case that comes with a later issue."""
-  return [f"{cid}: not available yet ({NOT_YET[cid]} comes with a later issue)"
-          for cid in case_ids]
-
-
 def _jaxlib_version() -> str | None:
   try:
     import jaxlib  # pylint: disable=import-outside-toplevel
@@ -753,16 +764,14 @@ def run(selectors: Sequence[str], timing: Timing = FULL, *, out: str = "bench.js
         verbose: bool = True) -> dict | None:
   """The program: benchmarks the selected cases, writes `out`, prints the table.
 
-  Returns the results written (None when no selected case is available yet).
+  Returns the results written (None when nothing is selected).
   """
   grid_cases, selectors = select_grid_cases(selectors)
-  chosen, later = select_cases(selectors) if selectors or not grid_cases else ([], [])
+  chosen = select_cases(selectors) if selectors or not grid_cases else []
   torch_results = files.read_json(torch_json) if torch_json else None
   _log(f"# jaxad.bench: jax {jax.__version__} on {jax.devices()[0].device_kind}, "
        f"{len(chosen) + len(grid_cases)} cases, "
        f"{'quick' if timing == QUICK else 'full'} timing", verbose)
-  for line in not_yet_lines(later):
-    print(line, flush=True)
   if not chosen and not grid_cases:
     return None
   results = benchmark(chosen, timing, torch_results=torch_results, peak_sizes=peak_sizes,
@@ -773,7 +782,6 @@ def run(selectors: Sequence[str], timing: Timing = FULL, *, out: str = "bench.js
     results["meta"]["wall_s"] = round(results["meta"]["wall_s"] + time.time() - t0, 1)
     _log("\n" + grid_table(results["grid"]), verbose)
   results["meta"]["quick"] = timing == QUICK
-  results["not_available_yet"] = later
   files.write_json(out, results)
   if results["cases"]:
     _log("\n" + markdown_table(results) + "\n", verbose)
@@ -791,7 +799,6 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend-probing chatter
   if FLAGS.list:
     print("\n".join(CASE_IDS))
-    print("\n".join("# " + line for line in not_yet_lines(list(NOT_YET))))
     print("\n".join(f"# {cid} (--case=grid)" for cid in GRID_CASE_IDS))
     return
   try:
