@@ -123,6 +123,9 @@ def test_score_train_step_lowers_the_dsm_loss_and_carries_its_state():
 
 def test_latent_search_case_is_the_gan_familys_score():
   setup = bench.make_setup("gan", batch=2)
+  prepared = bench.prepare("gan/latent_search", setup, TINY)
+  # XLA counts the scan body once; the case counts every one of its 100 trips.
+  assert prepared.flops_per_call == 100 * bench.xla_flops(prepared.runner.compiled()) > 0
   scores, maps = bench.make_runner("latent_search", setup)()
   assert set(scores) == {"gan", "gan_residual", "gan_feature"}
   assert maps["gan_residual"].shape == (2, 28, 28)
