@@ -167,3 +167,12 @@ def test_grid_cases_are_selected_by_name_and_timed(tmp_path):
   assert vmapped["images_per_s"] == pytest.approx(8 * vmapped["images_per_s_per_member"])
   assert vmapped["speedup_over_sequential"] > 0 and vmapped["flops_per_call"] > 0
   assert json.loads(out.read_text())["grid"].keys() == results["grid"].keys()
+
+
+def test_conv_profile_times_a_shape():
+  from jaxad import bench_convs
+  f_ms, f_rate, b_ms, b_rate = bench_convs.conv_rates(8, 4, 8, 3, 1, repeats=1)
+  assert min(f_ms, f_rate, b_ms, b_rate) > 0
+  flops = 2.0 * 32 * 8 * 8 * 4 * 8 * 9  # batch 32, 8², 4→8, 3×3, stride 1
+  assert f_rate == pytest.approx(flops / (f_ms / 1e3) / 1e9)
+  assert b_rate == pytest.approx(3 * flops / (b_ms / 1e3) / 1e9)
