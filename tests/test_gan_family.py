@@ -269,3 +269,24 @@ def test_nifti_volumes_train_and_evaluate(tmp_path):
   assert set(result["sample"]) == set(sample.SAMPLE_SCORES)
   # 2 images per class are too few for 5-fold logistic regression: recorded, not raised.
   assert "needs at least 5 images" in result["logistic_regression"]["vae"]["error"]
+
+
+@pytest.mark.parametrize("name", ["digits_gan.py", "digits_wgan.py"])
+def test_digits_configs_train_evaluate_and_report(tmp_path, name):
+  """The CPU configs end to end, shortened: gan scores, logistic regression, report."""
+  from jaxad import grid_axes
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = grid_axes.load_experiment(os.path.join(root, "configs", name))
+  config.train.num_steps = 6
+  config.train.progress_bar = False
+  config.eval.latent_steps = 5
+  config.eval.bootstrap = 5
+  workdir = str(tmp_path / "wd")
+  trainer.train_and_evaluate(config, workdir)
+  result = evaluation.evaluate(workdir, config=config)
+  assert result["num_anomalous"] > 0 and result["family"] == "gan"
+  for k in latent_search.SAMPLE_SCORES:
+    assert 0.0 <= result["sample"][k]["all"]["auroc"] <= 1.0
+    assert 0.0 <= result["logistic_regression"][k]["auroc"] <= 1.0
+  assert "gan" in evaluation.headline_table(result)
+  assert os.path.exists(os.path.join(workdir, "eval", "report.html"))
