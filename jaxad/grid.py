@@ -37,20 +37,11 @@ import ml_collections
 import numpy as np
 
 from jaxad import config as config_lib
-from jaxad import files, grid_axes, grid_eval, grid_report, grid_train, parallel
+from jaxad import files, grid_axes, grid_eval, grid_report, grid_train, parallel, trainer
 from jaxad.errors import CheckpointError
 
 log = logging.getLogger("jaxad")
 HEADLINE = ("vae", "vae_kl", "vae_rec", "combi")  # the table printed at the end
-
-
-def _setup_logging(workdir: str) -> None:
-  log.setLevel(logging.INFO)
-  path = os.path.join(os.path.abspath(workdir), "grid.log")
-  if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
 
 
 def _normalised(obj):
@@ -128,7 +119,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, *,
   """
   groups = grid_axes.plan(config)
   os.makedirs(workdir, exist_ok=True)
-  _setup_logging(workdir)
+  trainer.log_to_file(workdir, "grid.log")
   _check_plan(workdir, config, groups)
   mesh = parallel.make_mesh(devices)
   progress = bool(config.train.progress_bar) if progress is None else progress

@@ -23,7 +23,7 @@ from jaxad.evaluation import EVAL  # the eval binary's key purpose: the same dra
 from jaxad.data import lesions as lesions_lib
 from jaxad.errors import DataError
 from jaxad.grid_axes import Group
-from jaxad.grid_train import GridState, GroupData, Layout, TracedLikelihood, group_setup
+from jaxad.grid_train import GridState, GroupData, Layout, group_setup, member_family
 from jaxad.grid_train import member_split, padded_batches
 from jaxad.scores import pixel, sample
 
@@ -36,13 +36,11 @@ def make_score_fn(model, kind: str, num_samples: int, smooth_sigma: float, maps:
   """jit(vmap): member k scores images[idx[k]]; sample scores, or pixel maps if `maps`."""
 
   def member(params, model_state, beta, seed, images, b):
-    variables = {"params": params, **model_state}
-    likelihood = TracedLikelihood(kind, beta)
+    family = member_family(model, kind, beta, num_samples=num_samples,
+                           smooth_sigma=smooth_sigma)
     rng = jax.random.fold_in(trainer.purpose_key(seed, EVAL), b)
-    if maps:
-      return pixel.pixel_maps(model, variables, images, jax.random.fold_in(rng, 1),
-                              likelihood, smooth_sigma=smooth_sigma)
-    return sample.sample_scores(model, variables, images, rng, likelihood, num_samples)
+    # The family's one pass gives both; jit drops the half not returned.
+    return family.score({"params": params, **model_state}, images, rng, maps)[int(maps)]
 
   def score(state: GridState, all_images, idx, betas, seeds, b):
     return jax.vmap(member, in_axes=(0, 0, 0, 0, 0, None))(

@@ -30,27 +30,21 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxad import checkpoint, parallel, trainer
+from jaxad import checkpoint, families, parallel, trainer
 from jaxad import config as config_lib
 from jaxad.data import pipeline
 from jaxad.errors import ConfigError, DataError
+from jaxad.families import vae as vae_family
 from jaxad.grid_axes import Group
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as likelihood_lib
-from jaxad.objectives import vae as vae_objectives
 
 log = logging.getLogger("jaxad")
 
 
-class TracedLikelihood(likelihood_lib.Likelihood):
-  """The Likelihood with `beta` a traced per-member array (inside vmap/jit).
-
-  Likelihood checks that beta is a Python number; its methods only need arithmetic, so
-  this subclass skips the check (the kind and every member's β are validated first).
-  """
-
-  def __post_init__(self):
-    pass
+def member_family(model, kind: str, beta, **eval_settings) -> vae_family.VAE:
+  """The VAE family of one member, β a traced per-member array (checked in group_setup)."""
+  return vae_family.VAE(model, likelihood_lib.Likelihood(kind, beta), **eval_settings)
 
 
 @flax.struct.dataclass
@@ -250,27 +244,16 @@ def make_train_step(model, kind: str, tx, layout: Layout):
   """
 
   def member(state: GridState, images, beta, seed, active):
-    likelihood = TracedLikelihood(kind, beta)
     rng = jax.random.fold_in(trainer.purpose_key(seed, trainer.TRAIN), state.step)
-
-    def loss_fn(params):
-      variables = {"params": params, **state.model_state}
-      terms, updates = vae_objectives.vae_terms(model, variables, images, rng, likelihood,
-                                                train=True)
-      return vae_objectives.training_loss(terms, likelihood), (terms, updates)
-
-    (loss, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, model_state, opt_state, metrics = families.gradient_update(
+        member_family(model, kind, beta), tx, state.params, state.model_state,
+        state.opt_state, images, rng)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     go = active & finite & (state.diverged == 0)
-    new = state.replace(step=state.step + 1,
-                        params=optax.apply_updates(state.params, param_updates),
-                        model_state={**state.model_state, **updates}, opt_state=opt_state)
+    new = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                        opt_state=opt_state)
     new = jax.tree.map(lambda a, b: jnp.where(go, a, b), new, state)
     new = new.replace(diverged=jnp.where(active & ~finite, 1, state.diverged))
-    metrics = {"loss": loss, "neg_elbo": terms.neg_elbo.mean(), "kl": terms.kl.mean(),
-               "rec": terms.rec.mean(), "grad_norm": grad_norm}
     return new, metrics
 
   def step(state, images, idx, betas, seeds, active):
@@ -288,9 +271,9 @@ def make_val_step(model, kind: str, layout: Layout):
 
   def member(params, model_state, images, valid, beta, seed, b):
     rng = jax.random.fold_in(trainer.purpose_key(seed, trainer.VAL), b)
-    terms, _ = vae_objectives.vae_terms(model, {"params": params, **model_state}, images,
-                                        rng, TracedLikelihood(kind, beta), train=False)
-    return jnp.sum(terms.neg_elbo * valid), jnp.sum(valid)
+    neg_elbo = member_family(model, kind, beta).val_loss(
+        {"params": params, **model_state}, images, rng)
+    return jnp.sum(neg_elbo * valid), jnp.sum(valid)
 
   def step(state, images, idx, valid, betas, seeds, b):
     return jax.vmap(member, in_axes=(0, 0, 0, 0, 0, 0, None))(
@@ -344,16 +327,13 @@ def _member_values(group: Group, get) -> np.ndarray:
 
 
 def _end_of_epoch(host: dict, k: int, val: float, t) -> str:
-  """trainer.end_of_epoch for member k, on host copies of its state (same arithmetic)."""
-  improved = val < float(host["best_val"][k]) - t.min_delta
-  best = val if improved else float(host["best_val"][k])
-  bad = 0 if improved else int(host["bad_epochs"][k]) + 1
-  note = ""
-  if t.plateau_patience and bad and bad % t.plateau_patience == 0:
-    host["lr"][k] = np.float32(float(host["lr"][k]) * t.plateau_factor)
-    note = f", learning rate -> {float(host['lr'][k]):.3g}"
-  host["best_val"][k], host["bad_epochs"][k] = np.float32(best), bad
-  if t.early_stop_patience and bad >= t.early_stop_patience:
+  """trainer.plateau_schedule for member k, on host copies of its state."""
+  old_lr = float(host["lr"][k])
+  best, bad, lr, stop = trainer.plateau_schedule(
+      float(host["best_val"][k]), int(host["bad_epochs"][k]), old_lr, val, t)
+  host["best_val"][k], host["bad_epochs"][k], host["lr"][k] = best, bad, lr
+  note = f", learning rate -> {lr:.3g}" if lr != old_lr else ""
+  if stop:
     host["stopped"][k] = 1
     note += ", early stop"
   return note

@@ -102,22 +102,12 @@ def eval_params(state: TrainState):
   return state.ema_params if state.ema_params else state.params
 
 
-def gradient_update(family, tx, params, model_state, opt_state, images, rng):
-  """One optimiser step on the gradient of family.train_loss (VAE, score model)."""
-  (loss, (metrics, updates)), grads = jax.value_and_grad(
-      family.train_loss, has_aux=True)(params, model_state, images, rng)
-  param_updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, param_updates)
-  metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-  return params, {**model_state, **updates}, opt_state, metrics
-
-
 def make_train_step(family, tx, seed, mesh, ema_rate: float = 0.0):
   """The jit-compiled step: the family's update (by default the gradient of its loss
   and Adam), the EMA, metrics."""
   train_key = purpose_key(seed, TRAIN)
-  update = getattr(family, "train_update", None) or functools.partial(gradient_update,
-                                                                       family)
+  update = getattr(family, "train_update", None) or functools.partial(
+      families.gradient_update, family)
 
   def step(state: TrainState, images: jax.Array):
     rng = jax.random.fold_in(train_key, state.step)
@@ -172,18 +162,27 @@ def _set_learning_rate(state: TrainState, value: float, mesh) -> TrainState:
   return state.replace(opt_state=opt_state)
 
 
-def end_of_epoch(state: TrainState, val_loss: float, config, mesh) -> TrainState:
-  """Reduce-on-plateau and early stopping on the validation loss (Zimmerer et al.)."""
-  t = config.train
-  improved = val_loss < float(state.best_val) - t.min_delta
-  best = val_loss if improved else float(state.best_val)
-  bad = 0 if improved else int(state.bad_epochs) + 1
-  lr = learning_rate(state.opt_state)
+def plateau_schedule(best_val: float, bad_epochs: int, lr: float, val_loss: float,
+                     t: ml_collections.ConfigDict) -> tuple[float, int, float, bool]:
+  """One epoch of Zimmerer et al.'s schedule on the validation loss, from config.train:
+  (best loss, epochs without improvement, learning rate, stop early)."""
+  improved = val_loss < best_val - t.min_delta
+  best = val_loss if improved else best_val
+  bad = 0 if improved else bad_epochs + 1
   if t.plateau_patience and bad and bad % t.plateau_patience == 0:
     lr *= t.plateau_factor
+  stop = bool(t.early_stop_patience) and bad >= t.early_stop_patience
+  return best, bad, lr, stop
+
+
+def end_of_epoch(state: TrainState, val_loss: float, config, mesh) -> TrainState:
+  """Reduce-on-plateau and early stopping on the validation loss (Zimmerer et al.)."""
+  old_lr = learning_rate(state.opt_state)
+  best, bad, lr, stop = plateau_schedule(float(state.best_val), int(state.bad_epochs),
+                                         old_lr, val_loss, config.train)
+  if lr != old_lr:
     log.info("validation loss plateaued for %d epochs: learning rate -> %.3g", bad, lr)
     state = _set_learning_rate(state, lr, mesh)
-  stop = bool(t.early_stop_patience) and bad >= t.early_stop_patience
   put = lambda v, dtype: parallel.put_replicated(jnp.asarray(v, dtype), mesh)
   return state.replace(best_val=put(best, jnp.float32), bad_epochs=put(bad, jnp.int32),
                        stopped=put(int(stop), jnp.int32))
@@ -198,9 +197,10 @@ def _check_finite(metrics: dict, step: int) -> None:
         "checkpoint with a smaller learning rate.")
 
 
-def _setup_logging(workdir: str) -> None:
+def log_to_file(workdir: str, filename: str = "train.log") -> None:
+  """Adds WORKDIR/filename as a plain-text log of the "jaxad" logger (once per path)."""
   log.setLevel(logging.INFO)
-  path = os.path.join(workdir, "train.log")
+  path = os.path.join(os.path.abspath(workdir), filename)
   if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -260,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
-    _setup_logging(workdir)
+    log_to_file(workdir)
   t = config.train
   train_split = pipeline.load_split(config.data, "train")
   val_split = pipeline.load_split(config.data, "val")

@@ -22,7 +22,9 @@ here.
 
 import importlib
 
+import jax
 import ml_collections
+import optax
 
 from jaxad.errors import ConfigError
 
@@ -36,3 +38,18 @@ def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]):
     raise ConfigError(f"model.family={name!r} is not one of {list(FAMILIES)}")
   module = importlib.import_module(f"jaxad.families.{name}")
   return module.build(config, tuple(image_shape))
+
+
+def gradient_update(family, tx: optax.GradientTransformation, params, model_state: dict,
+                    opt_state, images: jax.Array, rng: jax.Array):
+  """The default training update: one step of `tx` on the gradient of family.train_loss.
+
+  Returns (params, model_state, opt_state, metrics with "loss" and "grad_norm"), the
+  shape of a family's own `train_update`.
+  """
+  (loss, (metrics, updates)), grads = jax.value_and_grad(
+      family.train_loss, has_aux=True)(params, model_state, images, rng)
+  param_updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, param_updates)
+  metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+  return params, {**model_state, **updates}, opt_state, metrics

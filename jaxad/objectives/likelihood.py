@@ -74,7 +74,9 @@ class Likelihood:
   exactly: minimising it is maximum likelihood with a fixed σ². For the Bernoulli,
   train_rec = −log p(x|z) (summed BCE) and beta weights the KL (beta = 1: the ELBO).
 
-  Frozen and hashable, so it can be closed over by, or passed statically to, jit.
+  Frozen and hashable, so it can be closed over by, or passed statically to, jit. beta
+  may also be a jax.Array (a grid's per-member β inside vmap): only a Python number is
+  checked here, an array is the caller's to validate.
   """
 
   kind: str = "gaussian"
@@ -83,6 +85,8 @@ class Likelihood:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ConfigError(f"model.likelihood={self.kind!r} is not a likelihood; use one of {KINDS}")
+    if isinstance(self.beta, jax.Array):
+      return
     if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real) or not (
         math.isfinite(self.beta) and self.beta > 0):
       raise ConfigError(f"model.beta must be a positive number; got {self.beta!r}")
