@@ -64,7 +64,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxad import files
+from jaxad import families, files
+from jaxad.families import score as score_family
+from jaxad.families import vae as vae_family
 from jaxad.models import unet as unet_models
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as likelihood_lib
@@ -252,6 +254,10 @@ def make_setup(name: str, seed: int = 0, batch: int = BATCH) -> Setup:
 
 
 def _train_runner(s: Setup, key: jax.Array) -> Runner:
+  """train_step: one step of the trainer's update (`families.gradient_update`) with the
+  family's loss (the VAE's, or score64's σ²-weighted DSM) and Adam(LR)."""
+  family = (vae_family.VAE(s.model, s.likelihood) if s.likelihood is not None
+            else score_family.ScoreModel(s.model, SCORE64_SDE))
   tx = optax.adam(LR)
   params = s.variables["params"]
   model_state = {k: v for k, v in s.variables.items() if k != "params"}
@@ -261,38 +267,9 @@ def _train_runner(s: Setup, key: jax.Array) -> Runner:
 
   def step(state, x, key):
     params, model_state, opt_state, count = state
-    rng = jax.random.fold_in(key, count)
-
-    def loss_fn(params):
-      terms, updates = vae_objectives.vae_terms(
-          s.model, {"params": params, **model_state}, x, rng, s.likelihood, train=True)
-      return vae_objectives.training_loss(terms, s.likelihood), updates
-
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    param_updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, param_updates)
-    return (params, {**model_state, **updates}, opt_state, count + 1), loss
-
-  return Runner(jax.jit(step, donate_argnums=0), (state, s.x, key), carry=True)
-
-
-def _score_train_runner(s: Setup, key: jax.Array) -> Runner:
-  """score64/train_step: one σ²-weighted DSM step (the trainer's score-family loss)."""
-  tx = optax.adam(LR)
-  state = jax.tree.map(jnp.copy, (s.variables["params"], tx.init(s.variables["params"]),
-                                  jnp.zeros((), jnp.int32)))
-
-  def step(state, x, key):
-    params, opt_state, count = state
-    rng = jax.random.fold_in(key, count)
-
-    def loss_fn(params):
-      apply = lambda x_t, label: s.model.apply({"params": params}, x_t, label, train=True)
-      return jnp.mean(sde_lib.dsm_loss(SCORE64_SDE, apply, x, rng))
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, count + 1), loss
+    params, model_state, opt_state, metrics = families.gradient_update(
+        family, tx, params, model_state, opt_state, x, jax.random.fold_in(key, count))
+    return (params, model_state, opt_state, count + 1), metrics["loss"]  # jit drops the rest
 
   return Runner(jax.jit(step, donate_argnums=0), (state, s.x, key), carry=True)
 
@@ -328,12 +305,10 @@ def make_runner(case: str, s: Setup, seed: int = 0) -> Runner:
   if case == "latent_search":
     fn = jax.jit(lambda v, x, k: s.model.score(v, x, k, with_maps=True))
     return Runner(fn, (s.variables, s.x, key))
-  if s.likelihood is None:  # the score model
-    if case == "train_step":
-      return _score_train_runner(s, key)
-    return Runner(jax.jit(functools.partial(_score_map, s.model)), (s.variables, s.x))
   if case == "train_step":
     return _train_runner(s, key)
+  if case == "score_map":
+    return Runner(jax.jit(functools.partial(_score_map, s.model)), (s.variables, s.x))
   fn = jax.jit(functools.partial(EVAL_CASES[case], s.model, s.likelihood))
   return Runner(fn, (s.variables, s.x, key))
 

@@ -117,7 +117,7 @@ def test_score_map_is_the_mean_abs_score_at_small_t():
 def test_score_train_step_lowers_the_dsm_loss_and_carries_its_state():
   runner = bench.make_runner("train_step", _tiny_score_setup())
   losses = [float(runner()[1]) for _ in range(30)]
-  assert int(runner.args[0][2]) == 30
+  assert int(runner.args[0][3]) == 30
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
