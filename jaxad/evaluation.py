@@ -341,12 +341,11 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     result["pixel"] = _pixel_metrics(curves, stats, config, healthy_source,
                                      int(is_calib.sum()))
     groups = None if source.groups is None else source.groups[index]
-    for k, h in histograms.items():
-      h = np.concatenate(h)
+    for k, h in histograms.items():  # one row per scored image, like `index`
       try:
         result["pixel"][k]["bootstrap"] = _pixel_bootstrap(
-            h, curves[k][0].value_range, result["pixel"][k],
-            groups if groups is not None and len(groups) == len(h) else None, config)
+            np.concatenate(h), curves[k][0].value_range, result["pixel"][k], groups,
+            config)
       except DataError as err:  # e.g. too few lesion images to resample
         result["pixel"][k]["bootstrap"] = {"error": str(err)}
   if stats:

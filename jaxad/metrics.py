@@ -198,6 +198,16 @@ def per_class_table(class_names: Sequence[str], labels_class: np.ndarray,
 # ------------------------------------------------------------------ pixel-level metrics
 
 
+def _bin_index(values: np.ndarray, value_range: tuple[float, float],
+               num_bins: int) -> tuple[np.ndarray, int]:
+  """(bin of each value among num_bins equal bins of value_range, values outside it);
+  values outside go to the edge bins."""
+  lo, hi = value_range
+  position = (values - lo) * (num_bins / (hi - lo))
+  clipped = int(np.count_nonzero((position < 0) | (position >= num_bins)))
+  return np.clip(position, 0, num_bins - 1).astype(np.int64), clipped
+
+
 class PixelCurve:
   """Streaming pixel AUROC/AUPRC: accumulate (map, mask) batches with flat memory.
 
@@ -250,10 +260,8 @@ class PixelCurve:
     self._counts += self._histogram(values, masks)
 
   def _histogram(self, values: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    lo, hi = self.value_range
-    position = (values - lo) * (self.num_bins / (hi - lo))
-    self.num_clipped += int(np.count_nonzero((position < 0) | (position >= self.num_bins)))
-    index = np.clip(position, 0, self.num_bins - 1).astype(np.int64)
+    index, clipped = _bin_index(values, self.value_range, self.num_bins)
+    self.num_clipped += clipped
     counts = np.bincount(index + self.num_bins * masks, minlength=2 * self.num_bins)
     return counts.reshape(2, self.num_bins)
 
@@ -520,10 +528,8 @@ def image_histograms(maps, masks, value_range: tuple[float, float],
   """
   maps, masks = _as_scores(maps, "maps"), _as_binary(masks, "masks")
   _same_shape(maps, masks, "maps", "masks")
-  lo, hi = _check_range(value_range)
   n = len(maps)
-  position = (maps.reshape(n, -1) - lo) * (num_bins / (hi - lo))
-  index = np.clip(position, 0, num_bins - 1).astype(np.int64)
+  index, _ = _bin_index(maps.reshape(n, -1), _check_range(value_range), num_bins)
   index += num_bins * masks.reshape(n, -1) + 2 * num_bins * np.arange(n)[:, None]
   counts = np.bincount(index.reshape(-1), minlength=2 * num_bins * n)
   return counts.reshape(n, 2, num_bins).astype(np.int32)
