@@ -12,11 +12,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from jaxad import defaults
 from jaxad.errors import ConfigError
 from jaxad.models import gan as gan_models
 from jaxad.objectives import gan as gan_losses
@@ -99,13 +99,21 @@ def test_discriminator_norms_create_expected_layers():
     assert ("batch_stats" in variables) == (norm == "batch")
 
 
+def _model_config(**overrides):
+  m = defaults.get_config().model
+  m.update(dict(family="gan", name="dcgan", latent_dim=100, widths=()))
+  m.update(overrides)
+  return m
+
+
 def test_gan_from_config_defaults_and_overrides():
-  cfg = ml_collections.ConfigDict(dict(latent_dim=100, widths=(), base_width=16,
-                                       discriminator_norm="layer"))
+  cfg = _model_config(base_width=16, name="wgan_gp")
   generator, discriminator = gan_models.gan_from_config(cfg, (28, 28, 28, 1))
   assert generator.widths == discriminator.widths == (16, 32)
-  assert generator.latent_dim == 100 and discriminator.norm == "layer"
+  assert generator.latent_dim == 100 and discriminator.norm == "layer"  # the critic's
   assert generator.norm == "batch"
+  _, discriminator = gan_models.gan_from_config(_model_config(), (28, 28, 1))
+  assert discriminator.norm == "batch"  # DCGAN's
 
 
 @pytest.mark.parametrize("make, message", [
@@ -119,8 +127,8 @@ def test_gan_from_config_defaults_and_overrides():
     (lambda: gan_models.Discriminator((28, 28, 1), (4, 8), norm="group"),
      "discriminator_norm"),
     (lambda: gan_models.Discriminator((28, 28, 1), (4, -8)), "positive"),
-    (lambda: gan_models.gan_from_config(ml_collections.ConfigDict(dict(latent_dim=0)),
-                                        (28, 28, 1)), "latent_dim"),
+    (lambda: gan_models.gan_from_config(_model_config(latent_dim=0), (28, 28, 1)),
+     "latent_dim"),
 ])
 def test_model_config_errors_name_the_fix(make, message):
   with pytest.raises(ConfigError, match=message):

@@ -81,8 +81,8 @@ def test_gan_eval_has_every_score_logreg_and_residual_maps(evaluated_gan):
     assert 0.0 <= result["logistic_regression"][k]["auroc"] <= 1.0
   assert set(result["pixel"]) == {"gan_residual"}
   rows = open(os.path.join(workdir, "eval", "test", "scores.csv")).read().splitlines()
-  assert rows[0].split(",")[-3:] == list(latent_search.SAMPLE_SCORES) or set(
-      latent_search.SAMPLE_SCORES) <= set(rows[0].split(","))
+  assert set(latent_search.SAMPLE_SCORES) <= set(rows[0].split(","))
+  assert len(rows) == 1 + result["num_images"]
   html = open(os.path.join(workdir, "eval", "report.html")).read()
   assert "gan_residual" in html
   figures = os.listdir(os.path.join(workdir, "eval", "figures"))
@@ -113,7 +113,7 @@ def test_gan_scores_match_the_latent_search_run_alone(evaluated_gan):
   assert maps["gan_residual"].shape == (3, 8, 8)
 
 
-def test_gan_config_errors(make_config):
+def test_gan_config_errors():
   with pytest.raises(ConfigError, match="discriminator_norm='batch' cannot be used"):
     trainer.build(gan_config(**{"model.name": "wgan_gp",
                                 "model.gan.discriminator_norm": "batch"}), 2)

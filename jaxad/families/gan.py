@@ -43,6 +43,12 @@ def _variables(net: str, params, model_state: dict) -> dict:
           **{col: v[net] for col, v in model_state.items() if net in v}}
 
 
+def _net(variables: dict, net: str) -> dict:
+  """One network's flax variables out of the family's joint variables."""
+  return _variables(net, variables["params"],
+                    {k: v for k, v in variables.items() if k != "params"})
+
+
 def _merge(model_state: dict, net: str, updates: dict) -> dict:
   """model_state with one network's collection updates (batch_stats) put back."""
   out = {col: dict(v) for col, v in model_state.items()}
@@ -78,12 +84,10 @@ class GAN:
                                              train=False),
             "discriminator": self.discriminator.init(d_rng, jnp.zeros((1, *shape)),
                                                      train=False)}
-    out = {"params": {net: v["params"] for net, v in nets.items()}}
+    state = {}
     for net, v in nets.items():
-      for col, value in v.items():
-        if col != "params":
-          out.setdefault(col, {})[net] = value
-    return out
+      state = _merge(state, net, {c: x for c, x in v.items() if c != "params"})
+    return {"params": {net: v["params"] for net, v in nets.items()}, **state}
 
   def init_opt_state(self, tx: optax.GradientTransformation, params) -> dict:
     """One optimiser state per network: their updates alternate."""
@@ -168,18 +172,14 @@ class GAN:
   def val_loss(self, variables, images: jax.Array, rng: jax.Array) -> jax.Array:
     """The discriminator's loss on real images, eval mode (B,)."""
     del rng
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
-    logits, _ = self.discriminator.apply(_variables("discriminator", params, state),
-                                         images, train=False)
+    logits, _ = self.discriminator.apply(_net(variables, "discriminator"), images,
+                                         train=False)
     return jax.nn.softplus(-logits) if self.loss == "dcgan" else -logits
 
   def _search(self, variables, images: jax.Array, rng: jax.Array):
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
     generate, features = latent_search.eval_functions(
-        self.generator, _variables("generator", params, state),
-        self.discriminator, _variables("discriminator", params, state))
+        self.generator, _net(variables, "generator"),
+        self.discriminator, _net(variables, "discriminator"))
     z0 = latent_search.initial_latents(rng, images.shape[0], self.latent_dim)
     result = latent_search.latent_search(
         generate, features, images, z0, steps=self.latent_steps, lr=self.latent_lr,
@@ -197,22 +197,12 @@ class GAN:
 
 
 def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> GAN:
-  m, g, e = config.model, config.model.gan, config.eval
+  m, e = config.model, config.eval
   if m.name not in LOSSES:
     raise ConfigError(f"model.name={m.name!r} is not a GAN; use one of {list(LOSSES)}")
-  d_norm = g.discriminator_norm or ("batch" if m.name == "dcgan" else "layer")
-  if m.name == "wgan_gp" and d_norm == "batch":
-    raise ConfigError("model.gan.discriminator_norm='batch' cannot be used with wgan_gp: "
-                      "the gradient penalty needs each example's critic value to depend "
-                      "on that example alone; use 'layer' or 'none'")
-  critic_steps = int(g.critic_steps) or (1 if m.name == "dcgan" else 5)
-  model_cfg = ml_collections.ConfigDict(dict(
-      latent_dim=int(m.latent_dim), widths=tuple(m.widths), base_width=int(m.base_width),
-      max_width=int(g.max_width), generator_norm=g.generator_norm,
-      discriminator_norm=d_norm))
-  generator, discriminator = gan_models.gan_from_config(model_cfg, image_shape)
+  generator, discriminator = gan_models.gan_from_config(m, image_shape)
   return GAN(generator=generator, discriminator=discriminator, loss=m.name,
-             critic_steps=critic_steps, gp_weight=float(g.gp_weight),
-             latent_steps=int(e.latent_steps), latent_lr=float(e.latent_lr),
-             latent_momentum=float(e.latent_momentum),
+             critic_steps=int(m.gan.critic_steps) or (1 if m.name == "dcgan" else 5),
+             gp_weight=float(m.gan.gp_weight), latent_steps=int(e.latent_steps),
+             latent_lr=float(e.latent_lr), latent_momentum=float(e.latent_momentum),
              latent_lambda=float(e.latent_lambda))

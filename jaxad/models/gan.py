@@ -186,22 +186,24 @@ class Discriminator(nn.Module):
 
 def gan_from_config(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]
                     ) -> tuple[Generator, Discriminator]:
-  """(Generator, Discriminator) for images of `image_shape` (no batch axis).
+  """(Generator, Discriminator) of config.model for images of `image_shape` (no batch).
 
-  Reads model.latent_dim, model.widths (() → base_width·2^i capped at max_width, one
-  per block), model.base_width (32), model.max_width (512), model.generator_norm
-  ("batch") and model.discriminator_norm ("batch"; "layer" or "none" for WGAN-GP).
+  Reads model.name (dcgan | wgan_gp), model.latent_dim, model.widths (() →
+  model.base_width·2^i capped at model.gan.max_width, one per block) and
+  model.gan.{generator_norm, discriminator_norm}; discriminator_norm '' is BatchNorm for
+  dcgan and layer norm for the WGAN-GP critic, whose penalty BatchNorm would break.
   """
   image_shape = tuple(int(s) for s in image_shape)
-  latent_dim = model_cfg.get("latent_dim", 0)
+  g = model_cfg.gan
+  d_norm = g.discriminator_norm or ("batch" if model_cfg.name == "dcgan" else "layer")
+  if model_cfg.name == "wgan_gp" and d_norm == "batch":
+    raise ConfigError("model.gan.discriminator_norm='batch' cannot be used with wgan_gp: "
+                      "the gradient penalty needs each example's critic value to depend "
+                      "on that example alone; use 'layer' or 'none'")
+  latent_dim = model_cfg.latent_dim
   if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
     raise ConfigError(f"model.latent_dim must be a positive integer; got {latent_dim!r}")
-  widths = tuple(int(w) for w in model_cfg.get("widths", ()))
-  if not widths:
-    widths = default_widths(image_shape[0], int(model_cfg.get("base_width", 32)),
-                            int(model_cfg.get("max_width", 512)))
-  generator = Generator(image_shape, latent_dim, widths,
-                        norm=model_cfg.get("generator_norm", "batch"))
-  discriminator = Discriminator(image_shape, widths,
-                                norm=model_cfg.get("discriminator_norm", "batch"))
-  return generator, discriminator
+  widths = tuple(int(w) for w in model_cfg.widths) or default_widths(
+      image_shape[0], int(model_cfg.base_width), int(g.max_width))
+  return (Generator(image_shape, latent_dim, widths, norm=g.generator_norm),
+          Discriminator(image_shape, widths, norm=d_norm))
