@@ -131,10 +131,11 @@ def _lookup(tree: dict, dotted: str):
   return tree
 
 
-def _diff(a, b, prefix: str) -> list[str]:
+def differences(a, b, prefix: str = "") -> list[str]:
+  """Every leaf where the saved tree `a` and the new tree `b` differ, as readable lines."""
   if isinstance(a, dict) and isinstance(b, dict):
     return [k for key in sorted(set(a) | set(b))
-            for k in _diff(a.get(key), b.get(key), f"{prefix}.{key}")]
+            for k in differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)]
   return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
 
 
@@ -142,7 +143,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: st
   """Refuses to resume a workdir whose checkpoint was made for other shapes."""
   now = to_dict(config)
   diffs = [d for key in ARCHITECTURE_KEYS
-           for d in _diff(_lookup(saved, key), _lookup(now, key), key)]
+           for d in differences(_lookup(saved, key), _lookup(now, key), key)]
   for key in SWITCH_KEYS:
     was, is_ = bool(_lookup(saved, key) or 0), bool(_lookup(now, key) or 0)
     if was != is_:

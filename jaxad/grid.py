@@ -48,13 +48,6 @@ def _normalised(obj):
   return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def _differences(a, b, prefix: str = "") -> list[str]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    return [d for k in sorted(set(a) | set(b))
-            for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)]
-  return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
-
-
 def _check_plan(workdir: str, config, groups) -> None:
   """Refuses a workdir that holds another grid; saves the plan for the next run."""
   base = config_lib.to_dict(config)
@@ -65,7 +58,7 @@ def _check_plan(workdir: str, config, groups) -> None:
   if os.path.exists(path):
     saved = files.read_json(path)
     if saved != plan:
-      diffs = _differences(saved, plan)[:5]
+      diffs = config_lib.differences(saved, plan)[:5]
       raise CheckpointError(
           f"{workdir} holds another grid ({'; '.join(diffs)}): use a new --workdir, or "
           "the config this workdir was started with")
@@ -130,8 +123,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, *,
              "group_axes": [a for a in axes if not grid_axes.is_member_axis(a)],
              "devices": int(mesh.devices.size), "groups": [], "complete": False}
   log.info("grid: %d groups, %d members, axes %s", len(groups),
-           sum(len(g.members) for g in groups), grid_axes.label(
-               {a: v for a, v in axes.items()}))
+           sum(len(g.members) for g in groups), grid_axes.label(axes))
   cache, t0 = {}, time.perf_counter()
   for group in groups:
     path = os.path.join(workdir, "groups", f"{group.name}.json")
