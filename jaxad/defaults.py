@@ -91,8 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.n_sigma = 3.0  # unsupervised threshold: mean + n·std of healthy validation maps.
   e.calibration_fraction = 0.2  # Zimmerer et al.: threshold chosen on 1/5, Dice on 4/5.
   e.pixel_bins = 10_000  # histogram bins of the streaming pixel AUROC/AUPRC.
-  e.bootstrap = 50  # bootstrap resamples for the AUROC intervals (0 = off).
-  e.pixel_bootstrap_bins = 256  # per-image histogram bins behind the pixel intervals.
+  e.bootstrap = 50  # bootstrap resamples for the AUROC intervals (0 = off); pixel
+  # intervals resample per-image histograms in the pixel_bins of the point estimate.
   e.num_examples = 8  # images shown in the report's grids.
   e.latent_steps = 100  # gan: latent-search steps per image (AnoGAN; the thesis: 100)
   e.latent_lr = 1e-3  # gan: SGD learning rate of the search (the loss sums over pixels)

@@ -163,15 +163,19 @@ def _pixel_metrics(curves: dict, stats: dict, config, healthy_source: str,
   return out
 
 
-def _pixel_bootstrap(histograms, value_range, pixel_result, groups, config) -> dict:
-  """Pixel AUROC/AUPRC intervals, and Dice/IoU at the N-σ (else PR) threshold."""
+def _pixel_bootstrap(curve, pixel_result, groups, config) -> dict:
+  """Pixel AUROC/AUPRC intervals, and Dice/IoU at the N-σ (else PR) threshold.
+
+  The resamples are binned exactly as the point estimate (the whole-split curve's own
+  per-image histograms), so each 'estimate' equals the reported point.
+  """
   t = pixel_result["thresholds"]
   chosen = "n_sigma" if "n_sigma" in t else "pr_operating_point"
   out = metrics.pixel_bootstrap(
-      histograms, value_range, threshold=t[chosen]["threshold"],
+      curve.image_histograms(), threshold=t[chosen]["threshold"],
       num_resamples=config.eval.bootstrap, seed=config.seed, groups=groups)
   out["threshold"] = chosen
-  out["bins"] = int(histograms.shape[-1])
+  out["bins"] = curve.num_bins  # the point estimate's bins: the same statistic
   return out
 
 
@@ -252,7 +256,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
       if n >= 5 else (np.arange(0), None)
   is_calib = np.zeros(n, bool)
   is_calib[calib_idx] = True
-  curves, histograms = {}, {}  # per map: 3 PixelCurves; per-image histograms
+  curves = {}  # per map: PixelCurves of the whole split, calibration and report images
   map_file = None
   shape = trainer.image_shape(config, source.spatial_ndim)
   if with_maps and e.save_maps and parallel.is_main_process():
@@ -295,15 +299,14 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
       for k, v in maps.items():
         if k not in curves:
           hi = 4.0 * stats[k]["max"] if k in stats and stats[k]["max"] > 0 else None
-          curves[k] = [metrics.PixelCurve(e.pixel_bins, None if hi is None else (0.0, hi))
-                       for _ in range(3)]
+          value_range = None if hi is None else (0.0, hi)
+          curves[k] = [metrics.PixelCurve(e.pixel_bins, value_range,
+                                          keep_images=bool(e.bootstrap) and whole)
+                       for whole in (True, False, False)]
         v, m, calib = v[valid], mask[valid][..., 0], is_calib[rows]
         for curve, keep in zip(curves[k], (slice(None), calib, ~calib)):
           if len(v[keep]):
             curve.update(v[keep], m[keep])
-        if e.bootstrap:
-          histograms.setdefault(k, []).append(metrics.image_histograms(
-              v, m, curves[k][0].value_range, e.pixel_bootstrap_bins))
     if map_file is not None:
       map_file.write(rows, {k: v[valid] for k, v in maps.items()})
     for j in np.flatnonzero(valid) if want_images else ():
@@ -341,11 +344,12 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     result["pixel"] = _pixel_metrics(curves, stats, config, healthy_source,
                                      int(is_calib.sum()))
     groups = None if source.groups is None else source.groups[index]
-    for k, h in histograms.items():  # one row per scored image, like `index`
-      try:
+    for k, (whole, _, _) in curves.items():
+      if not e.bootstrap:
+        break
+      try:  # one histogram per scored image, in the order of `index`
         result["pixel"][k]["bootstrap"] = _pixel_bootstrap(
-            np.concatenate(h), curves[k][0].value_range, result["pixel"][k], groups,
-            config)
+            whole, result["pixel"][k], groups, config)
       except DataError as err:  # e.g. too few lesion images to resample
         result["pixel"][k]["bootstrap"] = {"error": str(err)}
   if stats:

@@ -12,6 +12,7 @@ bins (streaming `PixelCurve`) and thresholds all share one implementation; they 
 Bad input raises `DataError` naming the problem and the fix.
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -219,18 +220,26 @@ class PixelCurve:
   each side, fixes it. Later values outside the range are counted in the edge bins
   (`num_clipped` says how many), which only ties them with their bin neighbours.
   `exact=True` keeps every value instead and uses `auroc`/`auprc` directly.
+
+  `keep_images=True` also keeps each image's counts in the same bins (sparsely, see
+  `ImageHistograms`), so `pixel_bootstrap(curve.image_histograms())` resamples exactly
+  the statistic this curve reports: summed over all images they are its counts.
   """
 
   MARGIN = 0.25
 
   def __init__(self, num_bins: int = 10_000, value_range: tuple[float, float] | None = None,
-               exact: bool = False):
+               exact: bool = False, keep_images: bool = False):
     if int(num_bins) != num_bins or num_bins < 2:
       raise DataError(f"PixelCurve num_bins must be an integer >= 2, got {num_bins!r}")
+    if exact and keep_images:
+      raise DataError("PixelCurve(exact=True, keep_images=True): per-image histograms "
+                      "need bins; pass exact=False to keep them")
     self.num_bins = int(num_bins)
     self.exact = bool(exact)
     self.value_range = None if value_range is None else _check_range(value_range)
     self.num_clipped = 0
+    self._images = [] if keep_images else None  # ImageHistograms, one per update
     if self.exact:
       self._values, self._masks = [], []
     else:
@@ -249,21 +258,30 @@ class PixelCurve:
       maps, masks = maps[valid], masks[valid]
       if not len(maps):
         return
-    values = _as_scores(maps, "maps").reshape(-1)
-    masks = masks.reshape(-1)
+    values = _as_scores(maps, "maps").reshape(len(maps), -1)
+    masks = masks.reshape(len(maps), -1)
     if self.exact:
-      self._values.append(values.copy())
-      self._masks.append(masks.copy())
+      self._values.append(values.reshape(-1).copy())
+      self._masks.append(masks.reshape(-1).copy())
       return
     if self.value_range is None:
       self.value_range = _widened_range(values.min(), values.max(), self.MARGIN)
-    self._counts += self._histogram(values, masks)
-
-  def _histogram(self, values: np.ndarray, masks: np.ndarray) -> np.ndarray:
     index, clipped = _bin_index(values, self.value_range, self.num_bins)
     self.num_clipped += clipped
-    counts = np.bincount(index + self.num_bins * masks, minlength=2 * self.num_bins)
-    return counts.reshape(2, self.num_bins)
+    codes = index + self.num_bins * masks
+    counts = np.bincount(codes.reshape(-1), minlength=2 * self.num_bins)
+    self._counts += counts.reshape(2, self.num_bins)
+    if self._images is not None:
+      self._images.append(ImageHistograms.from_codes(codes, self.value_range,
+                                                     self.num_bins))
+
+  def image_histograms(self) -> "ImageHistograms":
+    """Every image's counts so far (in update order), in this curve's bins."""
+    if self._images is None:
+      raise DataError("PixelCurve.image_histograms needs PixelCurve(keep_images=True)")
+    if not self._images:
+      raise DataError("PixelCurve has no pixels yet: call update() with maps and masks")
+    return ImageHistograms.concatenate(self._images)
 
   def _groups(self):
     """(thresholds, lesion counts, normal counts) by decreasing value."""
@@ -500,9 +518,7 @@ def bootstrap(metric_fn: Callable[..., float], *arrays, num_resamples: int = 50,
   if any(len(a) != n for a in arrays):
     raise DataError(f"bootstrap arrays have lengths {[len(a) for a in arrays]}: every "
                     "array needs one row per image, in the same order")
-  if int(num_resamples) != num_resamples or num_resamples < 2:
-    raise DataError(f"num_resamples must be an integer >= 2, got {num_resamples!r}")
-  _check_fraction(alpha)
+  _check_resamples(num_resamples, alpha)
   units, strata = _resampling_units(n, groups, stratify)
   rng = np.random.default_rng(seed)
   values = np.empty(int(num_resamples))
@@ -513,52 +529,147 @@ def bootstrap(metric_fn: Callable[..., float], *arrays, num_resamples: int = 50,
     except DataError as e:
       raise DataError(f"bootstrap resample {r} failed: {e}. Pass stratify=labels so that "
                       "every resample keeps both classes") from e
+  return _interval(metric_fn(*arrays), values, alpha)
+
+
+def _check_resamples(num_resamples, alpha: float) -> None:
+  if int(num_resamples) != num_resamples or num_resamples < 2:
+    raise DataError(f"num_resamples must be an integer >= 2, got {num_resamples!r}")
+  _check_fraction(alpha)
+
+
+def _interval(estimate: float, values: np.ndarray, alpha: float) -> dict:
+  """The full-data estimate and the percentile interval of its resampled values."""
   low, high = np.percentile(values, [50 * alpha, 100 - 50 * alpha])
-  return {"estimate": float(metric_fn(*arrays)), "mean": float(values.mean()),
+  return {"estimate": float(estimate), "mean": float(values.mean()),
           "std": float(values.std(ddof=1)), "low": float(low), "high": float(high)}
 
 
-def image_histograms(maps, masks, value_range: tuple[float, float],
-                     num_bins: int = 256) -> np.ndarray:
-  """Per-image pixel counts (B, 2, num_bins) over equal bins of `value_range`.
+@dataclasses.dataclass(frozen=True)
+class ImageHistograms:
+  """Per-image pixel counts in equal bins of `value_range`, stored sparsely.
 
-  Row 0 counts normal pixels, row 1 lesion pixels; values outside the range go to the
-  edge bins. Summed over any set of images they are that set's PixelCurve counts, which
-  is what `pixel_bootstrap` resamples.
+  Image i's nonzero counts are `counts[starts[i]:starts[i + 1]]` at `codes` (bin +
+  num_bins·is_lesion). An image has at most as many nonzero bins as pixels, so keeping
+  them at a `PixelCurve`'s full resolution (10,000 bins by default) costs at most
+  4 bytes per pixel (uint16 codes and counts where they fit), usually far less: this is
+  what lets the bootstrap resample the very statistic the point estimate is.
+  """
+  value_range: tuple[float, float]
+  num_bins: int
+  starts: np.ndarray  # (n + 1,) int64 offsets into codes and counts
+  codes: np.ndarray  # bin + num_bins * is_lesion
+  counts: np.ndarray  # pixels with that code
+
+  @classmethod
+  def from_codes(cls, codes: np.ndarray, value_range, num_bins: int) -> "ImageHistograms":
+    """From each pixel's code, shape (n, pixels): bin + num_bins·is_lesion."""
+    n, per_image = codes.shape
+    width = 2 * num_bins
+    keys, counts = np.unique(codes + width * np.arange(n)[:, None], return_counts=True)
+    image_of = keys // width
+    starts = np.searchsorted(image_of, np.arange(n + 1), side="left")
+    code_type = np.uint16 if width <= 1 << 16 else np.int32
+    count_type = np.uint16 if per_image < 1 << 16 else np.int32
+    return cls(tuple(value_range), int(num_bins), starts.astype(np.int64),
+               (keys % width).astype(code_type), counts.astype(count_type))
+
+  @classmethod
+  def concatenate(cls, parts: Sequence["ImageHistograms"]) -> "ImageHistograms":
+    """The images of every part, in order (all parts must share their bins)."""
+    first = parts[0]
+    for p in parts[1:]:
+      if (p.value_range, p.num_bins) != (first.value_range, first.num_bins):
+        raise DataError(f"cannot concatenate image histograms over {p.value_range} in "
+                        f"{p.num_bins} bins with ones over {first.value_range} in "
+                        f"{first.num_bins} bins: bin every image the same way")
+    offsets = np.cumsum([0] + [len(p.codes) for p in parts[:-1]])
+    starts = np.concatenate([p.starts[:-1] + o for p, o in zip(parts, offsets)]
+                            + [[sum(len(p.codes) for p in parts)]])
+    return cls(first.value_range, first.num_bins, starts.astype(np.int64),
+               np.concatenate([p.codes for p in parts]),
+               np.concatenate([p.counts for p in parts]))
+
+  def __len__(self) -> int:
+    return len(self.starts) - 1
+
+  @property
+  def has_lesion(self) -> np.ndarray:
+    """(n,) bool: the image has at least one lesion pixel."""
+    image_of = np.repeat(np.arange(len(self)), np.diff(self.starts))
+    return np.bincount(image_of[self.codes >= self.num_bins], minlength=len(self)) > 0
+
+  def summed(self, weights: np.ndarray | None = None) -> np.ndarray:
+    """Σ_i weights[i]·counts of image i, shape (2, num_bins): a resample's curve counts."""
+    sizes = np.diff(self.starts)
+    if weights is None:
+      weights = np.ones(len(self), np.int64)
+    w = np.repeat(np.asarray(weights, np.float64), sizes) * self.counts
+    total = np.bincount(self.codes, weights=w, minlength=2 * self.num_bins)
+    return np.rint(total).astype(np.int64).reshape(2, self.num_bins)
+
+  def dense(self) -> np.ndarray:
+    """(n, 2, num_bins) counts: row 0 normal pixels, row 1 lesion pixels (small n only)."""
+    out = np.zeros((len(self), 2 * self.num_bins), np.int64)
+    image_of = np.repeat(np.arange(len(self)), np.diff(self.starts))
+    out[image_of, self.codes.astype(np.int64)] = self.counts
+    return out.reshape(len(self), 2, self.num_bins)
+
+
+def image_histograms(maps, masks, value_range: tuple[float, float],
+                     num_bins: int = 10_000) -> ImageHistograms:
+  """Per-image pixel counts over `num_bins` equal bins of `value_range`.
+
+  Values outside the range go to the edge bins, as in `PixelCurve`; summed over any
+  set of images they are that set's PixelCurve counts, which is what `pixel_bootstrap`
+  resamples. `PixelCurve(keep_images=True)` collects the same while streaming.
   """
   maps, masks = _as_scores(maps, "maps"), _as_binary(masks, "masks")
   _same_shape(maps, masks, "maps", "masks")
-  n = len(maps)
-  index, _ = _bin_index(maps.reshape(n, -1), _check_range(value_range), num_bins)
-  index += num_bins * masks.reshape(n, -1) + 2 * num_bins * np.arange(n)[:, None]
-  counts = np.bincount(index.reshape(-1), minlength=2 * num_bins * n)
-  return counts.reshape(n, 2, num_bins).astype(np.int32)
+  n, value_range = len(maps), _check_range(value_range)
+  index, _ = _bin_index(maps.reshape(n, -1), value_range, num_bins)
+  return ImageHistograms.from_codes(index + num_bins * masks.reshape(n, -1), value_range,
+                                    num_bins)
 
 
-def pixel_bootstrap(histograms: np.ndarray, value_range: tuple[float, float], *,
-                    threshold: float | None = None, num_resamples: int = 50, seed: int = 0,
-                    groups=None, alpha: float = 0.05) -> dict:
+def _pixel_values(counts: np.ndarray, value_range, threshold, names) -> list[float]:
+  curve = PixelCurve.from_counts(counts, value_range)
+  out = {"auroc": curve.auroc, "auprc": curve.auprc}
+  overlap = curve.overlap_at(threshold) if threshold is not None else {}
+  return [out[k]() if k in out else overlap[k] for k in names]
+
+
+def pixel_bootstrap(histograms: ImageHistograms, *, threshold: float | None = None,
+                    num_resamples: int = 50, seed: int = 0, groups=None,
+                    alpha: float = 0.05) -> dict:
   """Bootstrap intervals of pixel AUROC, AUPRC (and Dice/IoU at `threshold`) over images.
 
   SANO's protocol: whole images (or whole groups, e.g. individuals) are resampled, within
   the images with and without lesion pixels, and the pixel metrics are recomputed from
-  the summed `image_histograms`. Returns {metric: bootstrap(...) result}.
+  the resample's summed `histograms`. Every resample is binned exactly as the point
+  estimate: 'estimate' is the metric of all images summed, which is the streaming
+  `PixelCurve`'s own value when the histograms come from it. Returns {metric: {
+  'estimate', 'mean', 'std', 'low', 'high'}} as `bootstrap` does.
   """
-  histograms = np.asarray(histograms)
-  has_lesion = histograms[:, 1].sum(axis=1) > 0
-
-  def metric(name):
-    def fn(h):
-      curve = PixelCurve.from_counts(h.sum(axis=0), value_range)
-      if name in ("auroc", "auprc"):
-        return getattr(curve, name)()
-      return curve.overlap_at(threshold)[name]
-    return fn
-
+  if not isinstance(histograms, ImageHistograms):
+    raise DataError(f"pixel_bootstrap needs ImageHistograms, got {type(histograms).__name__}"
+                    ": use metrics.image_histograms or PixelCurve(keep_images=True)")
+  n = len(histograms)
+  _check_resamples(num_resamples, alpha)
   names = ("auroc", "auprc") + (("dice", "iou") if threshold is not None else ())
-  return {name: bootstrap(metric(name), histograms, num_resamples=num_resamples, seed=seed,
-                          groups=groups, stratify=has_lesion, alpha=alpha)
-          for name in names}
+  units, strata = _resampling_units(n, groups, histograms.has_lesion)
+  rng = np.random.default_rng(seed)
+  values = np.empty((int(num_resamples), len(names)))
+  for r in range(len(values)):
+    weights = np.bincount(_resample(rng, units, strata), minlength=n)
+    try:
+      values[r] = _pixel_values(histograms.summed(weights), histograms.value_range,
+                                threshold, names)
+    except DataError as e:
+      raise DataError(f"bootstrap resample {r} failed: {e}. Every resample keeps the "
+                      "images with and without lesions; evaluate on more images") from e
+  estimate = _pixel_values(histograms.summed(), histograms.value_range, threshold, names)
+  return {k: _interval(estimate[j], values[:, j], alpha) for j, k in enumerate(names)}
 
 
 def logistic_regression_auroc(scores, labels, folds: int = 5, seed: int = 0) -> dict:

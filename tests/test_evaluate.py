@@ -72,7 +72,7 @@ def test_every_image_scored_once_on_1_and_8_devices(evaluated):
 
 
 def test_metrics_json_has_every_section(evaluated):
-  workdir, _, result, _ = evaluated
+  workdir, config, result, _ = evaluated
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))["test"]
   assert set(saved["sample"]) == set(sample.SAMPLE_SCORES)
   assert set(saved["sample"]["vae"]) == {"anomalous", "all"}
@@ -84,6 +84,11 @@ def test_metrics_json_has_every_section(evaluated):
   for k in sample.SAMPLE_SCORES:
     ci = saved["bootstrap"][k]
     assert ci["low"] <= ci["estimate"] <= ci["high"]
+  for m in saved["pixel"].values():  # intervals of the very statistic reported
+    ci = m["bootstrap"]
+    assert ci["bins"] == config.eval.pixel_bins
+    assert ci["auroc"]["estimate"] == m["auroc"] and ci["auprc"]["estimate"] == m["auprc"]
+    assert ci["auroc"]["low"] <= m["auroc"] <= ci["auroc"]["high"]
   # The synthetic lesions are bright ellipses: reconstruction-based maps find them.
   assert result["pixel"]["rec_error"]["auroc"] > 0.75
   assert result["pixel"]["combi"]["auroc"] > 0.7

@@ -325,13 +325,68 @@ def test_image_histograms_match_numpy_per_image():
   rng = np.random.default_rng(3)
   maps = rng.uniform(-0.2, 1.2, (5, 6, 7))
   masks = rng.random((5, 6, 7)) < 0.3
+  masks[2] = False  # an image without lesion pixels
   h = metrics.image_histograms(maps, masks, (0.0, 1.0), 16)
-  assert h.shape == (5, 2, 16)
+  dense = h.dense()
+  assert len(h) == 5 and dense.shape == (5, 2, 16)
   for i in range(5):
     clipped = np.clip(maps[i], 0.0, 1.0 - 1e-9)  # edge bins take the values outside
     for row, keep in ((0, ~masks[i]), (1, masks[i])):
       expected, _ = np.histogram(clipped[keep], bins=16, range=(0.0, 1.0))
-      np.testing.assert_array_equal(h[i, row], expected)
+      np.testing.assert_array_equal(dense[i, row], expected)
+  np.testing.assert_array_equal(h.has_lesion, masks.reshape(5, -1).any(1))
+  weights = np.array([0, 3, 1, 0, 2])  # a resample: image 1 thrice, image 4 twice
+  np.testing.assert_array_equal(h.summed(weights), np.tensordot(weights, dense, 1))
+
+
+def test_pixel_curve_keeps_the_image_histograms_it_sums():
+  maps, masks = synthetic_maps(5, n=30)
+  curve = metrics.PixelCurve(num_bins=500, keep_images=True)
+  for start in range(0, 30, 8):  # the range comes from the first batch
+    curve.update(maps[start:start + 8], masks[start:start + 8])
+  h = curve.image_histograms()
+  assert len(h) == 30 and h.value_range == curve.value_range
+  np.testing.assert_array_equal(h.summed(), curve._counts)
+  one_shot = metrics.image_histograms(maps, masks, curve.value_range, 500)
+  np.testing.assert_array_equal(h.dense(), one_shot.dense())
+
+
+def _binned_auroc(maps, masks, value_range, num_bins):
+  """Brute force: scikit-learn's AUROC of each pixel's bin number."""
+  lo, hi = value_range
+  bins = np.clip(np.floor((maps - lo) / (hi - lo) * num_bins), 0, num_bins - 1)
+  return skm.roc_auc_score(masks.ravel(), bins.ravel())
+
+
+def test_pixel_interval_is_of_the_point_estimate_on_heavy_tailed_maps():
+  # Heavy-tailed maps with a few huge outliers: the range is set by the outliers, so
+  # nearly every pixel lies in the lowest few percent of it. The old 256-bin intervals
+  # measured a much coarser statistic than the 10,000-bin point and missed it.
+  rng = np.random.default_rng(7)
+  masks = np.zeros((60, 12, 12), bool)
+  masks[:30, 3:8, 4:9] = True
+  maps = rng.lognormal(0.0, 1.0, masks.shape) * (1.0 + 1.5 * masks)
+  maps[2, 0, 0], maps[40, 0, 0], maps[50, 0, 0] = 2e4, 5e3, 1e6  # normal pixels
+  curve = metrics.PixelCurve(num_bins=10_000, keep_images=True)
+  curve.update(maps[:8], masks[:8])  # the range: the first batch's, widened
+  curve.update(maps[8:], masks[8:])
+  assert curve.num_clipped == 1  # 1e6 lies above it
+  point = curve.auroc()
+  full = _binned_auroc(maps, masks, curve.value_range, 10_000)
+  assert point == pytest.approx(full, abs=1e-12)
+  out = metrics.pixel_bootstrap(curve.image_histograms(), threshold=3.0, num_resamples=50)
+  assert out["auroc"]["estimate"] == point
+  assert out["auprc"]["estimate"] == curve.auprc()
+  assert out["dice"]["estimate"] == curve.overlap_at(3.0)["dice"]
+  for name in ("auroc", "auprc", "dice", "iou"):
+    assert out[name]["low"] <= out[name]["estimate"] <= out[name]["high"], name
+  # What the old code reported: 256 bins over the same range, a different statistic
+  # whose interval lies wholly below the point.
+  coarse = metrics.image_histograms(maps, masks, curve.value_range, 256)
+  old = metrics.pixel_bootstrap(coarse, num_resamples=50)["auroc"]
+  assert old["high"] < point - 0.1
+  assert old["estimate"] == pytest.approx(
+      _binned_auroc(maps, masks, curve.value_range, 256), abs=1e-12)
 
 
 def test_pixel_bootstrap_resamples_images_and_groups():
@@ -341,7 +396,7 @@ def test_pixel_bootstrap_resamples_images_and_groups():
   maps = rng.normal(size=(40, 8, 8)) + 1.5 * masks
   value_range = (-5.0, 7.0)
   h = metrics.image_histograms(maps, masks, value_range, 256)
-  out = metrics.pixel_bootstrap(h, value_range, threshold=1.0, num_resamples=30, seed=0)
+  out = metrics.pixel_bootstrap(h, threshold=1.0, num_resamples=30, seed=0)
   whole = metrics.PixelCurve(256, value_range)
   whole.update(maps, masks)
   assert out["auroc"]["estimate"] == pytest.approx(whole.auroc(), abs=1e-12)
@@ -351,7 +406,7 @@ def test_pixel_bootstrap_resamples_images_and_groups():
   # Two images per individual: resampling whole individuals changes the intervals, and
   # the same seed gives the same intervals.
   groups = np.repeat(np.arange(20), 2)
-  a = metrics.pixel_bootstrap(h, value_range, num_resamples=30, seed=0, groups=groups)
-  b = metrics.pixel_bootstrap(h, value_range, num_resamples=30, seed=0, groups=groups)
+  a = metrics.pixel_bootstrap(h, num_resamples=30, seed=0, groups=groups)
+  b = metrics.pixel_bootstrap(h, num_resamples=30, seed=0, groups=groups)
   assert a == b and set(a) == {"auroc", "auprc"}
   assert a["auroc"]["low"] != out["auroc"]["low"]
