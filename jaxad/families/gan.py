@@ -157,14 +157,19 @@ class GAN:
       metrics = {"loss": loss, **metrics, "d_grad_norm": optax.tree.norm(grads)}
       return (params, model_state, d_opt), metrics
 
-    (params, model_state, d_opt), d_metrics = jax.lax.scan(
-        d_step, (params, model_state, opt_state["discriminator"]), d_keys)
+    # A Python loop, not lax.scan: inside an XLA:CPU while loop (even a fully unrolled
+    # scan) this step ran 12× slower (714 against 63 ms for the MNIST DCGAN at batch 64),
+    # and critic_steps is small (1 for DCGAN, 5 for WGAN-GP).
+    carry = (params, model_state, opt_state["discriminator"])
+    for i in range(self.critic_steps):
+      carry, d_metrics = d_step(carry, d_keys[i])
+    params, model_state, d_opt = carry
     z = latent_search.initial_latents(jax.random.fold_in(rng, 1), batch, self.latent_dim)
     (g_loss, model_state), grads = jax.value_and_grad(self._g_loss, has_aux=True)(
         params["generator"], params, model_state, z)
     updates, g_opt = tx.update(grads, opt_state["generator"], params["generator"])
     params = {**params, "generator": optax.apply_updates(params["generator"], updates)}
-    metrics = {k: v[-1] for k, v in d_metrics.items()}  # the last critic update's
+    metrics = dict(d_metrics)  # the last critic update's
     metrics.update(g_loss=g_loss, grad_norm=optax.tree.norm(grads))
     return params, model_state, {"generator": g_opt, "discriminator": d_opt}, metrics
 
