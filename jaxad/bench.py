@@ -4,7 +4,7 @@
     python -m jaxad.bench --quick               # fewer repeats (same shapes), a few minutes
     python -m jaxad.bench --case=conv64 --case=mlp28/train_step,score_elbo
     python -m jaxad.bench --list                # the case ids
-    python -m jaxad.bench --torch_json=peer_torch_results.json   # add torch's images/s
+    python -m jaxad.bench --torch_json=peer_torch_results.json,peer_torch_gan.json
     python -m jaxad.bench --quick --case=grid   # vmapped grid of 8 members vs 8 runs
 
 Grid cases (only when named: `grid`, `grid/mlp28`, ...): one jitted vmapped step of 8
@@ -34,6 +34,14 @@ VP-SDE β 0.1..20):
                   elements of (ε_θ(x_t, 999t) − ε)²), gradients, Adam(1e-4) update
   score_map       eval: one forward at t = 1e-3 on the clean batch, score = −ε_θ/σ(t),
                   map = mean over channels of |score| (SANO's map before smoothing)
+
+and for gan (configs/mnist_gan.py's DCGAN, 28×28, latent 100, widths 64/128; the cases
+of /work/shared/bench/peer_torch_gan.py, whose ids are dcgan28/...):
+
+  train_step      batch 64: one discriminator update on real + G(z) and one generator
+                  update on fresh z (jaxad.families.gan's train_update), Adam(2e-4, β1 0.5)
+  latent_search   batch 32: 100 SGD-momentum steps of AnoGAN's search on z, every image
+                  at once; the gan scores and the residual map
 
 Reported per case: compile time (first call, compilation included), the median seconds
 per call (timing as the reference: interleaved rounds of warm-up and repeats of
@@ -83,12 +91,17 @@ VAE_CASES = ("train_step", "score_elbo", f"score_iwae_L{IWAE_L}", "pixel_grads")
 SCORE_CASES = ("train_step", "score_map")
 GAN_STEPS = 100  # latent-search steps per image (the thesis's MNIST protocol)
 MODEL_CASES = {"conv128": VAE_CASES, "conv64": VAE_CASES, "mlp28": VAE_CASES,
-               "score64": SCORE_CASES, "gan": ("latent_search",)}
+               "score64": SCORE_CASES, "gan": ("train_step", "latent_search")}
 MODELS = tuple(MODEL_CASES)
 CASES = tuple(dict.fromkeys(c for cases in MODEL_CASES.values() for c in cases))
 CASE_IDS = tuple(f"{m}/{c}" for m, cases in MODEL_CASES.items() for c in cases)
-# The reference's case for each of ours (for --torch_json).
+# The reference's case for each of ours (for --torch_json): peer_torch.py's ids, and
+# peer_torch_gan.py's for the MNIST DCGAN.
 TORCH_CASE = {f"score_iwae_L{IWAE_L}": f"score_iwae_L{IWAE_L}_batched"}
+TORCH_MODEL = {"gan": "dcgan28"}
+# Cases whose batch is not BATCH: the DCGAN reference trains on batches of 64.
+CASE_BATCH = {"gan/train_step": 64}
+GAN_LR, GAN_B1 = 2e-4, 0.5  # configs/mnist_gan.py's Adam, as the reference
 # MFLOP per image of the reference (matmul/conv only), from its README results table.
 REFERENCE_MFLOP = {
     "conv128/train_step": 1717.8, "conv128/score_elbo": 576.8,
@@ -111,6 +124,10 @@ DESCRIPTIONS = {
                           "(DSM, lambda=s^2); grads w.r.t. params; Adam(lr=1e-4) update",
     "score64/score_map": "eval; one forward at t=1e-3 on the clean batch; score=-net/s(t); "
                          "map=mean_c|score|",
+    "gan/train_step": "batch 64; one discriminator update (real + G(z) with fresh z, "
+                      "BatchNorm in train mode) and one generator update (fresh z, "
+                      "non-saturating), Adam(2e-4, b1=0.5) each: jaxad.families.gan's "
+                      "train_update",
     "gan/latent_search": f"eval; AnoGAN latent search, {GAN_STEPS} SGD-momentum steps on z "
                          "for every image of the batch at once (MNIST DCGAN 28x28, latent "
                          "100); gan, gan_residual, gan_feature and the residual map",
@@ -254,21 +271,28 @@ def make_setup(name: str, seed: int = 0, batch: int = BATCH) -> Setup:
 
 
 def _train_runner(s: Setup, key: jax.Array) -> Runner:
-  """train_step: one step of the trainer's update (`families.gradient_update`) with the
-  family's loss (the VAE's, or score64's σ²-weighted DSM) and Adam(LR)."""
-  family = (vae_family.VAE(s.model, s.likelihood) if s.likelihood is not None
-            else score_family.ScoreModel(s.model, SCORE64_SDE))
-  tx = optax.adam(LR)
+  """train_step: one step of the trainer's update with the family's loss and Adam: the
+  VAE's or score64's σ²-weighted DSM through `families.gradient_update` with Adam(LR),
+  or the GAN family's own `train_update` (one D and one G update) with Adam(2e-4, 0.5)."""
+  if isinstance(s.model, nn.Module):
+    family = (vae_family.VAE(s.model, s.likelihood) if s.likelihood is not None
+              else score_family.ScoreModel(s.model, SCORE64_SDE))
+    tx = optax.adam(LR)
+    update = functools.partial(families.gradient_update, family)
+    opt_state = tx.init(s.variables["params"])
+  else:  # the GAN family object
+    tx = optax.adam(GAN_LR, b1=GAN_B1)
+    update = s.model.train_update
+    opt_state = s.model.init_opt_state(tx, s.variables["params"])
   params = s.variables["params"]
   model_state = {k: v for k, v in s.variables.items() if k != "params"}
   # Copies: the step donates its state, and the eval cases share s.variables.
-  state = jax.tree.map(jnp.copy, (params, model_state, tx.init(params),
-                                  jnp.zeros((), jnp.int32)))
+  state = jax.tree.map(jnp.copy, (params, model_state, opt_state, jnp.zeros((), jnp.int32)))
 
   def step(state, x, key):
     params, model_state, opt_state, count = state
-    params, model_state, opt_state, metrics = families.gradient_update(
-        family, tx, params, model_state, opt_state, x, jax.random.fold_in(key, count))
+    params, model_state, opt_state, metrics = update(
+        tx, params, model_state, opt_state, x, jax.random.fold_in(key, count))
     return (params, model_state, opt_state, count + 1), metrics["loss"]  # jit drops the rest
 
   return Runner(jax.jit(step, donate_argnums=0), (state, s.x, key), carry=True)
@@ -436,16 +460,21 @@ def _log(msg: str, verbose: bool) -> None:
     print(msg, flush=True)
 
 
+def case_batch(case_id: str, batch: int = BATCH) -> int:
+  """The batch a case runs on: `batch`, except where the reference's case differs."""
+  return CASE_BATCH.get(case_id, batch) if batch == BATCH else batch
+
+
 def _prepare_all(case_ids, timing, seed, batch, verbose) -> dict[str, Prepared]:
   setups, prepared = {}, {}
   for cid in case_ids:
-    model = cid.split("/")[0]
-    if model not in setups:
-      setups[model] = make_setup(model, seed, batch)
-    prepared[cid] = prepare(cid, setups[model], timing, seed)
+    model, n = cid.split("/")[0], case_batch(cid, batch)
+    if (model, n) not in setups:
+      setups[model, n] = make_setup(model, seed, n)
+    prepared[cid] = prepare(cid, setups[model, n], timing, seed)
     p = prepared[cid]
     _log(f"{cid:24s} first call {p.compile_s:7.2f} s  "
-         f"{p.flops_per_call / batch / 1e6:9.1f} MFLOP/image (XLA)", verbose)
+         f"{p.flops_per_call / n / 1e6:9.1f} MFLOP/image (XLA)", verbose)
   return prepared
 
 
@@ -481,7 +510,8 @@ def benchmark(case_ids: Sequence[str], timing: Timing = FULL, *, seed: int = 0,
          f"max {v['max']:.1f})", verbose)
   prepared = _prepare_all(case_ids, timing, seed, batch, verbose)
   _time_all(prepared, timing, verbose)
-  cases = {cid: case_record(cid, p, peak_gflops, batch) for cid, p in prepared.items()}
+  cases = {cid: case_record(cid, p, peak_gflops, case_batch(cid, batch))
+           for cid, p in prepared.items()}
   results = dict(meta=_meta(timing, batch), peak=peak, peak_gflops=peak_gflops,
                  peak_note=f"best median of the matmul rates at start: {peak_key}",
                  cases=cases)
@@ -494,9 +524,32 @@ def benchmark(case_ids: Sequence[str], timing: Timing = FULL, *, seed: int = 0,
 
 
 def torch_case_id(case_id: str) -> str:
-  """The reference's id for one of ours (score_iwae_L15 → ..._batched)."""
+  """The reference's id for one of ours (score_iwae_L15 → ..._batched, gan → dcgan28)."""
   model, case = case_id.split("/")
-  return f"{model}/{TORCH_CASE.get(case, case)}"
+  return f"{TORCH_MODEL.get(model, model)}/{TORCH_CASE.get(case, case)}"
+
+
+def load_torch_results(paths: Sequence[str]) -> dict:
+  """The reference results of every file, in peer_torch.py's layout.
+
+  peer_torch.py writes {"meta", "peak_gflops_reference", "cases": {id: {...}}};
+  peer_torch_gan.py writes {id: images/s}. Later files add their cases to earlier ones.
+  """
+  merged = {"cases": {}}
+  for path in paths:
+    data = files.read_json(path)
+    if not isinstance(data, dict):
+      raise ValueError(f"--torch_json {path}: expected a JSON object of reference results")
+    if "cases" in data:
+      merged.update({k: v for k, v in data.items() if k != "cases"})
+      merged["cases"].update(data["cases"])
+      continue
+    bad = [k for k, v in data.items() if "/" not in k or not isinstance(v, (int, float))]
+    if bad:
+      raise ValueError(f"--torch_json {path}: neither peer_torch.py's layout (a 'cases' "
+                       f"key) nor peer_torch_gan.py's ({{case id: images/s}}); bad keys {bad}")
+    merged["cases"].update({k: {"images_per_s": float(v)} for k, v in data.items()})
+  return merged
 
 
 def add_torch(results: dict, torch_results: dict) -> None:
@@ -739,7 +792,7 @@ def grid_table(grid: dict) -> str:
 # Command line
 # --------------------------------------------------------------------------
 def run(selectors: Sequence[str], timing: Timing = FULL, *, out: str = "bench.json",
-        torch_json: str | None = None, peak_sizes: Sequence[int] = PEAK_SIZES,
+        torch_json: Sequence[str] = (), peak_sizes: Sequence[int] = PEAK_SIZES,
         verbose: bool = True) -> dict | None:
   """The program: benchmarks the selected cases, writes `out`, prints the table.
 
@@ -747,7 +800,7 @@ def run(selectors: Sequence[str], timing: Timing = FULL, *, out: str = "bench.js
   """
   grid_cases, selectors = select_grid_cases(selectors)
   chosen = select_cases(selectors) if selectors or not grid_cases else []
-  torch_results = files.read_json(torch_json) if torch_json else None
+  torch_results = load_torch_results(torch_json) if torch_json else None
   _log(f"# jaxad.bench: jax {jax.__version__} on {jax.devices()[0].device_kind}, "
        f"{len(chosen) + len(grid_cases)} cases, "
        f"{'quick' if timing == QUICK else 'full'} timing", verbose)
@@ -796,8 +849,9 @@ def _define_flags():
   flags.DEFINE_bool("quick", False, "Fewer warm-up calls and repeats (same shapes).")
   flags.DEFINE_bool("list", False, "Print the case ids and exit.")
   flags.DEFINE_string("out", "bench.json", "Results JSON (written atomically).")
-  flags.DEFINE_string("torch_json", None,
-                      "Results JSON of /work/shared/bench/peer_torch.py: adds its images/s.")
+  flags.DEFINE_list("torch_json", [],
+                    "Results JSON files of ../shared/bench/peer_torch.py and "
+                    "peer_torch_gan.py (comma list): adds their images/s and the ratio.")
   return flags.FLAGS
 
 

@@ -17,7 +17,8 @@ TINY = bench.Timing(rounds=1, warmup=0, min_repeats=1, max_repeats=1, budget_s=0
                     min_repeat_s=0.0, peak_repeats=1, peak_min_s=0.0)
 MODELS = ("conv128", "conv64", "mlp28")
 CASES = ("train_step", "score_elbo", "score_iwae_L15", "pixel_grads")
-SCORE_IDS = ("score64/train_step", "score64/score_map", "gan/latent_search")
+SCORE_IDS = ("score64/train_step", "score64/score_map", "gan/train_step",
+             "gan/latent_search")
 RECORD_FIELDS = (
     "sec_per_call_median", "sec_per_call_min", "sec_per_call_max", "sec_per_call_iqr",
     "sec_per_call_round_medians", "repeats", "calls_per_repeat", "rounds", "batch",
@@ -27,8 +28,11 @@ RECORD_FIELDS = (
 
 def test_case_ids_are_the_reference_cases():
   assert bench.CASE_IDS == tuple(f"{m}/{c}" for m in MODELS for c in CASES) + SCORE_IDS
-  # The reference has no GAN: every other case has its FLOP count.
-  assert set(bench.REFERENCE_MFLOP) == set(bench.CASE_IDS) - {"gan/latent_search"}
+  # peer_torch_gan.py reports no FLOPs: every other case has the reference's count.
+  assert set(bench.REFERENCE_MFLOP) == set(bench.CASE_IDS) - {"gan/train_step",
+                                                              "gan/latent_search"}
+  assert bench.torch_case_id("gan/train_step") == "dcgan28/train_step"
+  assert bench.torch_case_id("conv64/score_iwae_L15") == "conv64/score_iwae_L15_batched"
 
 
 def test_list_flag_prints_every_case_id():
@@ -42,10 +46,11 @@ def test_list_flag_prints_every_case_id():
 @pytest.mark.parametrize("selectors, expected", [
     ([], list(bench.CASE_IDS)),
     (["score64"], list(SCORE_IDS[:2])),
-    (["gan"], ["gan/latent_search"]),
+    (["gan"], ["gan/train_step", "gan/latent_search"]),
     (["score_map"], ["score64/score_map"]),
     (["conv64"], [f"conv64/{c}" for c in CASES]),
-    (["train_step"], [f"{m}/train_step" for m in MODELS] + ["score64/train_step"]),
+    (["train_step"], [f"{m}/train_step" for m in MODELS]
+     + ["score64/train_step", "gan/train_step"]),
     (["mlp28/pixel_grads"], ["mlp28/pixel_grads"]),
     (["score_iwae"], [f"{m}/score_iwae_L15" for m in MODELS]),
     (["mlp28/score_elbo, conv128", "conv64/train_step"],
@@ -132,6 +137,40 @@ def test_latent_search_case_is_the_gan_familys_score():
   assert setup.model.latent_steps == bench.GAN_STEPS == 100
   np.testing.assert_allclose(scores["gan"], 0.5 * scores["gan_residual"]
                              + 0.5 * scores["gan_feature"], rtol=1e-5)
+
+
+def test_gan_train_step_is_the_familys_update_on_64_images():
+  assert bench.case_batch("gan/train_step") == 64 and bench.case_batch("gan/latent_search") == 32
+  setup = bench.make_setup("gan", batch=bench.case_batch("gan/train_step"))
+  runner = bench.make_runner("train_step", setup)
+  losses = [float(runner()[1]) for _ in range(2)]
+  params, _, opt_state, count = runner.args[0]
+  assert setup.x.shape == (64, 28, 28, 1) and int(count) == 2 and losses[0] != losses[1]
+  # One Adam update per network per call, with the reference's β1 = 0.5.
+  for net in ("generator", "discriminator"):
+    assert int(opt_state[net][0].count) == 2
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params,
+                         setup.variables["params"])
+  assert all(jax.tree.leaves(changed))
+
+
+def test_torch_json_reads_both_reference_files(tmp_path):
+  main = {"meta": {"torch": "2.13.0"}, "peak_gflops_reference": 220.0,
+          "cases": {"conv64/train_step": {"images_per_s": 360.0}}}
+  (tmp_path / "main.json").write_text(json.dumps(main))
+  (tmp_path / "gan.json").write_text(json.dumps({"dcgan28/train_step": 412.0,
+                                                 "dcgan28/latent_search": 11.6}))
+  merged = bench.load_torch_results([str(tmp_path / "main.json"), str(tmp_path / "gan.json")])
+  assert merged["meta"] == main["meta"] and merged["peak_gflops_reference"] == 220.0
+  assert merged["cases"] == {"conv64/train_step": {"images_per_s": 360.0},
+                             "dcgan28/train_step": {"images_per_s": 412.0},
+                             "dcgan28/latent_search": {"images_per_s": 11.6}}
+  results = {"cases": {"gan/train_step": {"images_per_s": 824.0}}}
+  bench.add_torch(results, merged)
+  assert results["cases"]["gan/train_step"]["jax_over_torch"] == pytest.approx(2.0)
+  (tmp_path / "bad.json").write_text(json.dumps({"train_step": "fast"}))
+  with pytest.raises(ValueError, match="bad keys \\['train_step'\\]"):
+    bench.load_torch_results([str(tmp_path / "bad.json")])
 
 
 def test_torch_results_add_a_ratio_column():
