@@ -83,12 +83,13 @@ def make_reconstruct_fn(family):
 
 
 class _MapFile:
-  """Pixel maps written to per-map .npy memmaps, zipped into maps.npz at the end."""
+  """Pixel maps (and masks) written to per-name .npy memmaps, zipped into maps.npz."""
 
-  def __init__(self, path: str, n: int, spatial: tuple[int, ...], names):
+  def __init__(self, path: str, n: int, spatial: tuple[int, ...], names, with_mask: bool):
     self.path, self.tmp = path, tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".maps.")
+    types = {**{k: np.float32 for k in names}, **({"mask": np.uint8} if with_mask else {})}
     self.arrays = {k: np.lib.format.open_memmap(os.path.join(self.tmp, f"{k}.npy"), "w+",
-                                                np.float32, (n, *spatial)) for k in names}
+                                                t, (n, *spatial)) for k, t in types.items()}
 
   def write(self, positions: np.ndarray, maps: dict) -> None:
     for k, v in maps.items():
@@ -110,10 +111,36 @@ class _MapFile:
     shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _batches(split, config, *, normal_only=False):
+def _batches(split, config, *, normal_only=False, process_index=None, process_count=None):
   return pipeline.eval_batches(
       split, config.data, global_batch=config.eval.batch_size, normal_only=normal_only,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index() if process_index is None else process_index,
+      process_count=jax.process_count() if process_count is None else process_count)
+
+
+def donor_reader(split, data):
+  """indices → those images of `split` through the pipeline (patch lesion donors), so a
+  donor has exactly the pixels it has in its own batch."""
+  def read(indices):
+    subset = pipeline.Split(split.source.subset(indices), split.normal_labels)
+    return next(pipeline.eval_batches(subset, data, global_batch=len(indices)))["image"]
+  return read
+
+
+def lesioned_batches(split, config, spec, *, process_index=None, process_count=None):
+  """This process's eval batches of the split's normal images with synthetic lesions.
+
+  `image`, `mask` and `anomalous` of each image depend on (spec, its index) alone, not
+  on eval.batch_size, the devices or the processes: patch donors are drawn over the
+  whole split and read through the pipeline (`lesions.add_lesions`).
+  """
+  read = donor_reader(split, config.data)
+  for batch in _batches(split, config, normal_only=True, process_index=process_index,
+                        process_count=process_count):
+    images, mask, anomalous = lesions_lib.add_lesions(
+        batch["image"], batch["index"], spec, num_images=len(split.source),
+        read_donors=read)
+    yield {**batch, "image": images, "mask": mask, "anomalous": anomalous}
 
 
 def healthy_map_stats(score_fn, variables, split, config, mesh, seed) -> dict:
@@ -260,7 +287,8 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   map_file = None
   shape = trainer.image_shape(config, source.spatial_ndim)
   if with_maps and e.save_maps and parallel.is_main_process():
-    map_file = _MapFile(os.path.join(out_dir, "maps.npz"), n, shape[:-1], family.pixel_maps)
+    map_file = _MapFile(os.path.join(out_dir, "maps.npz"), n, shape[:-1], family.pixel_maps,
+                        with_mask=source.has_masks or spec is not None)
 
   index, anomalous, class_of = [], [], []
   scores = {k: [] for k in family.sample_scores}
@@ -270,11 +298,10 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   from tqdm.auto import tqdm
   bar = tqdm(total=n, unit="img", disable=jax.process_index() != 0, mininterval=1.0,
              desc=f"scoring {name}")
-  for b, batch in enumerate(_batches(data_split, config, normal_only=spec is not None)):
-    images = batch["image"]
-    is_anomalous, mask = batch["anomalous"], batch.get("mask")
-    if spec is not None:
-      images, mask, is_anomalous = lesions_lib.add_lesions(images, batch["index"], spec)
+  batches = _batches(data_split, config) if spec is None else \
+      lesioned_batches(data_split, config, spec)
+  for b, batch in enumerate(batches):
+    images, is_anomalous, mask = batch["image"], batch["anomalous"], batch.get("mask")
     out, maps = score_fn(variables, parallel.put_batch(images, mesh),
                          jax.random.fold_in(key, b))
     # From here on every process holds the whole global batch (images only while the
@@ -308,7 +335,10 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
           if len(v[keep]):
             curve.update(v[keep], m[keep])
     if map_file is not None:
-      map_file.write(rows, {k: v[valid] for k, v in maps.items()})
+      saved = {k: v[valid] for k, v in maps.items()}
+      if "mask" in map_file.arrays:
+        saved["mask"] = mask[valid][..., 0]
+      map_file.write(rows, saved)
     for j in np.flatnonzero(valid) if want_images else ():
       kind = "anomalous" if is_anomalous[j] else "normal"
       if len(examples[kind]) < e.num_examples // 2:

@@ -6,9 +6,9 @@ binary, so a member's numbers are what `jaxad.evaluate` reports for its config; 
 and AUPRC of the member's anomalous classes (its left-out class) against its normal
 ones. Pixel-wise, when the split has masks or data.synthetic_lesions.enabled: the
 five `pixel.PIXEL_MAPS` and streaming pixel AUROC/AUPRC (`metrics.PixelCurve`, its
-range fixed by each member's first batch). Lesions are inserted once per test image
-(donor patches drawn within fixed batches of the whole split) into each member's
-normal test images, so members that share a normal image score the same lesion.
+range fixed by each member's first batch). Lesions are those of the eval binary (a
+function of the lesion seed and the image's index alone, donors included), inserted
+into each member's normal test images.
 """
 
 import functools
@@ -49,12 +49,15 @@ def make_score_fn(model, kind: str, num_samples: int, smooth_sigma: float, maps:
   return jax.jit(layout.per_member(score, (True, False, True, True, True, False)))
 
 
-def _lesioned(images: np.ndarray, spec, batch: int) -> tuple[np.ndarray, np.ndarray]:
-  """Every test image with its synthetic lesion (or none) and mask, in fixed batches."""
-  out, masks = np.empty_like(images), np.zeros(images.shape[:-1] + (1,), np.float32)
-  for start in range(0, len(images), batch):
-    rows = np.arange(start, min(start + batch, len(images)))
-    out[rows], masks[rows], _ = lesions_lib.add_lesions(images[rows], rows, spec)
+def lesioned(images: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:
+  """Every image of the split with its synthetic lesion (or none) and mask.
+
+  `images` is the whole preprocessed split (row = index), so image i gets exactly the
+  lesion the eval binary inserts (`evaluation.lesioned_batches`), donor included.
+  """
+  out, masks, _ = lesions_lib.add_lesions(images, np.arange(len(images)), spec,
+                                          num_images=len(images),
+                                          read_donors=lambda i: images[i])
   return out, masks
 
 
@@ -121,7 +124,7 @@ def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
   if not e.pixel_maps or (spec is None and "mask" not in test):
     return results
   if spec is not None:
-    images, masks = _lesioned(test["image"], spec, batch)
+    images, masks = lesioned(test["image"], spec)
     lists = [s.normal_indices for s in splits]
   else:
     images, masks = test["image"], test["mask"]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad import evaluation, metrics, trainer
-from jaxad.data import pipeline
+from jaxad import evaluation, grid_eval, grid_train, metrics, trainer
+from jaxad.data import lesions, pipeline
 from jaxad.errors import CheckpointError
 from jaxad.scores import pixel, sample
 
@@ -121,6 +121,51 @@ def test_saved_maps_and_streaming_pixel_auroc_match_exact(evaluated):
     assert result["pixel"][k]["auroc"] == pytest.approx(exact, abs=1e-3)
 
 
+def _lesioned_by_index(split, config, batch_size, processes):
+  """{index: (image, mask, anomalous)} from `processes` simulated processes' batches."""
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size = batch_size
+  spec = lesions.spec_from_config(config.data.synthetic_lesions)
+  streams = [evaluation.lesioned_batches(split, config, spec, process_index=p,
+                                         process_count=processes)
+             for p in range(processes)]
+  out = {}
+  for parts in zip(*streams):
+    for part in parts:
+      for j in np.flatnonzero(part["valid"] > 0):
+        out[int(part["index"][j])] = (part["image"][j], part["mask"][j],
+                                      int(part["anomalous"][j]))
+  return out
+
+
+def test_lesions_do_not_depend_on_batch_size_processes_or_the_grid(make_config):
+  config = make_config(**{"data.synthetic_lesions.enabled": True,
+                          "data.synthetic_lesions.fraction": 0.8})
+  split = pipeline.load_split(config.data, "test")
+  spec = lesions.spec_from_config(config.data.synthetic_lesions)
+  reference = _lesioned_by_index(split, config, 16, 1)
+  assert sorted(reference) == split.normal_indices.tolist()
+  # Patch donors outside the image's batch of 8: what used to make lesions batch-bound.
+  plans = {i: lesions.plan(i, spec, len(split.source)) for i in reference}
+  position = {i: p for p, i in enumerate(split.normal_indices)}
+  assert any(kind == "patch" and position.get(donor, -8) // 8 != position[i] // 8
+             for i, (kind, donor) in plans.items())
+  assert 0 < sum(a for _, _, a in reference.values()) < len(reference)
+  for batch_size, processes in ((8, 1), (8, 2), (16, 4)):
+    got = _lesioned_by_index(split, config, batch_size, processes)
+    assert sorted(got) == sorted(reference)
+    for i, (image, mask, anomalous) in reference.items():
+      np.testing.assert_array_equal(got[i][0], image)
+      np.testing.assert_array_equal(got[i][1], mask)
+      assert got[i][2] == anomalous
+  # The grid lesions the whole preprocessed split at once: the same images and masks.
+  images, masks = grid_eval.lesioned(grid_train.preprocess(split, config.data)["image"],
+                                     spec)
+  for i, (image, mask, _) in reference.items():
+    np.testing.assert_array_equal(images[i], image)
+    np.testing.assert_array_equal(masks[i], mask)
+
+
 def test_synthetic_lesions_give_pixel_metrics_without_masks(trained, tmp_path):
   workdir, config = trained
   config = config.copy_and_resolve_references()
@@ -130,9 +175,19 @@ def test_synthetic_lesions_give_pixel_metrics_without_masks(trained, tmp_path):
   config.data.image_size = 16
   # The digits model is not trained: only the machinery (lesions → masks → curves) counts.
   config.data.synthetic_lesions.enabled = True
-  result = evaluation.evaluate(workdir, config=config)
+  config.eval.save_maps = True
+  result = evaluation.evaluate(workdir, config=config)  # 8 devices, batches of 40
   assert result["synthetic_lesions"] and 0 < result["num_anomalous"] < result["num_images"]
   assert set(result["pixel"]) == set(pixel.PIXEL_MAPS)
+  # The masks it scored are the lesions of batches of 16 on 2 processes.
+  with np.load(os.path.join(workdir, "eval", "test", "maps.npz")) as f:
+    saved, index = f["mask"], f["index"]
+  split = pipeline.load_split(config.data, "test")
+  expected = _lesioned_by_index(split, config, 16, 2)
+  assert index.tolist() == sorted(expected)
+  np.testing.assert_array_equal(saved, np.stack([expected[i][1][..., 0] for i in index]))
+  rows = _rows(os.path.join(workdir, "eval", "test", "scores.csv"))
+  assert [int(r["anomalous"]) for r in rows] == [expected[i][2] for i in index]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

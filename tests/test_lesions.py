@@ -79,46 +79,82 @@ def test_invisible_lesions_fall_back_to_a_visible_shift():
   _check_contract(image, out, mask)
 
 
+def _add(pool, index, spec):
+  """add_lesions on pool[index], donors read from the whole pool (the split)."""
+  return lesions.add_lesions(pool[index], index, spec, num_images=len(pool),
+                             read_donors=lambda i: pool[i])
+
+
 def test_add_lesions_is_deterministic_per_index_whatever_the_batch_order():
   spec = lesions.LesionSpec(fraction=0.7, seed=5)
-  images = _images(12, (24, 24), 3)
+  pool = _images(112, (24, 24), 3)
   index = np.arange(100, 112)
-  out, masks, anomalous = lesions.add_lesions(images, index, spec)
+  out, masks, anomalous = _add(pool, index, spec)
   assert masks.shape == (12, 24, 24, 1) and anomalous.dtype == np.int32
   perm = np.random.default_rng(0).permutation(12)
-  out2, masks2, anomalous2 = lesions.add_lesions(images[perm], index[perm], spec)
+  out2, masks2, anomalous2 = _add(pool, index[perm], spec)
   np.testing.assert_array_equal(out2, out[perm])
   np.testing.assert_array_equal(masks2, masks[perm])
   np.testing.assert_array_equal(anomalous2, anomalous[perm])
   assert 0 < anomalous.sum() < 12
 
 
-def test_shift_and_noise_lesions_do_not_depend_on_the_batch():
-  spec = lesions.LesionSpec(kinds=("ellipse", "noise"), fraction=1.0)
-  images = _images(8, (16, 16, 16), 1)
-  index = np.arange(8)
-  full = lesions.add_lesions(images, index, spec)
-  half = lesions.add_lesions(images[4:], index[4:], spec)
-  for a, b in zip(full, half):
-    np.testing.assert_array_equal(a[4:], b)
+@pytest.mark.parametrize("spatial", [(16, 16), (8, 8, 8)])
+def test_lesions_and_donors_do_not_depend_on_the_batch(spatial):
+  # Every kind, patches included: batches of 1, 3, 8 and 24 and a shuffled order give
+  # the same lesion per index, and patch donors come from outside the batch.
+  spec = lesions.LesionSpec(fraction=0.8, seed=2)
+  pool = _images(24, spatial, 1)
+  whole = _add(pool, np.arange(24), spec)
+  for size in (1, 3, 8):
+    for start in range(0, 24, size):
+      rows = np.arange(start, min(start + size, 24))
+      for a, b in zip(whole, _add(pool, rows, spec)):
+        np.testing.assert_array_equal(a[rows], b)
+  plans = [lesions.plan(i, spec, 24) for i in range(24)]
+  kinds = {kind for kind, _ in plans}
+  assert {"ellipse", "noise", "patch", None} <= kinds
+  for i, (kind, donor) in enumerate(plans):
+    assert (donor >= 0) == (kind == "patch") and donor != i and donor < 24
+    if kind == "patch" and donor // 8 != i // 8:  # a donor outside a batch of 8
+      inside = whole[1][i, ..., 0] == 1  # every changed pixel moved towards the donor
+      out, before, target = whole[0][i][inside], pool[i][inside], pool[donor][inside]
+      assert (np.abs(out - target) < np.abs(before - target)).all()
+      assert np.isclose(out, target).any()  # the centre is the donor's pixel
+
+
+def test_patch_lesions_need_the_split_to_read_donors():
+  pool = _images(8, (16, 16), 1)
+  spec = lesions.LesionSpec(kinds=("patch",), fraction=1.0)
+  with pytest.raises(ValueError, match="pass read_donors"):
+    lesions.add_lesions(pool, np.arange(8), spec, num_images=8)
+  with pytest.raises(ValueError, match="outside the split's 8 images"):
+    lesions.add_lesions(pool[:1], np.array([8]), spec, num_images=8,
+                        read_donors=lambda i: pool[i])
+  # A one-image split has no donor: another kind, and no read needed.
+  out, masks, anomalous = lesions.add_lesions(pool[:1], np.array([0]), spec, num_images=1)
+  assert anomalous.tolist() == [1] and masks.sum() > 0
+  # Without 'patch' nothing is read.
+  no_patch = lesions.LesionSpec(kinds=("ellipse", "noise"), fraction=1.0)
+  assert lesions.add_lesions(pool, np.arange(8), no_patch, num_images=8)[2].sum() == 8
 
 
 def test_padding_repeats_and_single_image_batches():
   spec = lesions.LesionSpec(fraction=1.0)
-  images = _images(3, (16, 16), 1)
-  images[2] = images[0]
-  out, masks, anomalous = lesions.add_lesions(images, np.array([7, 8, 7]), spec)
+  pool = _images(9, (16, 16), 1)
+  out, masks, anomalous = _add(pool, np.array([7, 8, 7]), spec)
   np.testing.assert_array_equal(out[0], out[2])
   np.testing.assert_array_equal(masks[0], masks[2])
-  out, masks, anomalous = lesions.add_lesions(images[:1], np.array([7]), spec)
-  assert anomalous.tolist() == [1] and masks.sum() > 0
+  out1, masks1, anomalous1 = _add(pool, np.array([7]), spec)
+  assert anomalous1.tolist() == [1] and masks1.sum() > 0
+  np.testing.assert_array_equal(out1[0], out[0])
 
 
 def test_different_seeds_give_different_lesions():
-  images = _images(8, (16, 16), 1)
+  pool = _images(8, (16, 16), 1)
   index = np.arange(8)
-  a = lesions.add_lesions(images, index, lesions.LesionSpec(fraction=1.0, seed=0))
-  b = lesions.add_lesions(images, index, lesions.LesionSpec(fraction=1.0, seed=1))
+  a = _add(pool, index, lesions.LesionSpec(fraction=1.0, seed=0))
+  b = _add(pool, index, lesions.LesionSpec(fraction=1.0, seed=1))
   assert not np.array_equal(a[1], b[1])
 
 
@@ -126,7 +162,7 @@ def test_different_seeds_give_different_lesions():
 def test_fraction_and_untouched_images(fraction):
   spec = lesions.LesionSpec(fraction=fraction, seed=3)
   images = _images(2000, (6, 6), 1)
-  out, masks, anomalous = lesions.add_lesions(images, np.arange(2000), spec)
+  out, masks, anomalous = _add(images, np.arange(2000), spec)
   assert abs(anomalous.mean() - fraction) <= 0.05
   clean = anomalous == 0
   np.testing.assert_array_equal(out[clean], images[clean])

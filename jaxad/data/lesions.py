@@ -13,10 +13,13 @@ position, filled one of three ways:
 Edges are soft (the outer `EDGE` of each radius ramps to zero), and a pixel belongs to
 the mask iff some channel moved by more than `EPS`; pixels below that are left exactly
 as they were. All draws for one image come from `np.random.default_rng([seed, index])`,
-so a test image gets the same lesion whatever its batch, order or device count.
+including its patch donor, an index drawn over the whole split (read through the same
+source and preprocessing), so a test image gets the same lesion whatever its batch,
+order, batch size, device or process count, and the same in the eval binary and grid.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -151,14 +154,19 @@ def _paint(image: np.ndarray, box: tuple[slice, ...], weight: np.ndarray,
   return out, mask
 
 
+def _kinds_without_patch(kinds: tuple[str, ...]) -> tuple[str, ...]:
+  return tuple(k for k in kinds if k != "patch") or ("ellipse",)
+
+
 def insert_lesion(image: np.ndarray, rng: np.random.Generator, spec: LesionSpec,
-                  donor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  donor: np.ndarray | None = None,
+                  kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Inserts one lesion; returns (image, mask (*spatial, 1) float32 in {0, 1}).
 
-  The kind is drawn from spec.kinds ('patch' only when a donor of the same shape is
-  given). If a lesion would change no pixel visibly (a donor equal to the image there,
-  or a shift into saturation), an intensity shift of the other sign is used instead,
-  so the mask is never empty.
+  The kind is `kind`, else drawn from spec.kinds ('patch' only when a donor of the same
+  shape is given). If a lesion would change no pixel visibly (a donor equal to the
+  image there, or a shift into saturation), an intensity shift of the other sign is
+  used instead, so the mask is never empty.
   """
   image = np.asarray(image, np.float32)
   _check_image(image, "image")
@@ -166,9 +174,11 @@ def insert_lesion(image: np.ndarray, rng: np.random.Generator, spec: LesionSpec,
     donor = np.asarray(donor, np.float32)
     if donor.shape != image.shape:
       raise ValueError(f"donor shape {donor.shape} differs from image shape {image.shape}")
-  kinds = spec.kinds if donor is not None else (
-      tuple(k for k in spec.kinds if k != "patch") or ("ellipse",))
-  kind = kinds[int(rng.integers(len(kinds)))]
+  if kind is None:
+    kinds = spec.kinds if donor is not None else _kinds_without_patch(spec.kinds)
+    kind = kinds[int(rng.integers(len(kinds)))]
+  elif kind not in KINDS or (kind == "patch" and donor is None):
+    raise ValueError(f"kind={kind!r} needs to be one of {list(KINDS)}, and 'patch' a donor")
   box, weight = _draw_ellipse(rng, image.shape[:-1], spec)
   sign = float(rng.choice((-1.0, 1.0)))
   region = image[box]
@@ -186,37 +196,69 @@ def insert_lesion(image: np.ndarray, rng: np.random.Generator, spec: LesionSpec,
   return out, mask
 
 
-def add_lesions(images: np.ndarray, index: np.ndarray,
-                spec: LesionSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def plan(index: int, spec: LesionSpec, num_images: int) -> tuple[str | None, int]:
+  """(kind, donor index) of image `index` of a `num_images` split; kind None: no lesion.
+
+  A function of (spec.seed, index, num_images) alone. The donor (-1 unless the kind is
+  'patch') is uniform over the split's other images; a one-image split has no donor,
+  so it draws among the other kinds.
+  """
+  return _plan(int(index), spec, int(num_images))[1:]
+
+
+def _plan(index: int, spec: LesionSpec, num_images: int):
+  """(the image's generator after its plan draws, kind, donor); see `plan`."""
+  if not 0 <= index < num_images:
+    raise ValueError(f"index {index} is outside the split's {num_images} images: pass "
+                     "dataset indices in [0, num_images)")
+  rng = np.random.default_rng([spec.seed, index])
+  if not rng.random() < spec.fraction:
+    return rng, None, -1
+  kinds = spec.kinds if num_images > 1 else _kinds_without_patch(spec.kinds)
+  kind = kinds[int(rng.integers(len(kinds)))]
+  donor = -1
+  if kind == "patch":
+    donor = (index + 1 + int(rng.integers(num_images - 1))) % num_images
+  return rng, kind, donor
+
+
+def add_lesions(images: np.ndarray, index: np.ndarray, spec: LesionSpec, *,
+                num_images: int,
+                read_donors: Callable[[np.ndarray], np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Inserts lesions into a batch; returns (images, masks (B, *spatial, 1), anomalous (B,)).
 
-  Whether image `index[b]` gets a lesion, and which, depends only on (spec.seed,
-  index[b]). A patch donor is drawn from the batch's other distinct indices (sorted,
-  so batch order does not matter; its pixels do depend on which images share the
-  batch). Repeated indices (eval padding) get identical lesions. Images without a
-  lesion come back unchanged with an all-zero mask.
+  `index[b]` is image b's index in its split of `num_images` images; whether it gets a
+  lesion, which one, and its patch donor depend only on (spec.seed, index[b],
+  num_images) (see `plan`), never on the batch. `read_donors(indices)` returns those
+  images of the split, preprocessed as `images` are; it is needed only when
+  spec.kinds has 'patch'. Repeated indices (eval padding) get identical lesions.
+  Images without a lesion come back unchanged with an all-zero mask.
   """
   images = np.asarray(images, np.float32)
   index = np.asarray(index)
   if images.ndim not in (4, 5) or index.shape != images.shape[:1]:
     raise ValueError(f"need images (B, *spatial, C) and index (B,); got {images.shape} "
                      f"and {index.shape}")
-  if index.size and index.min() < 0:
-    raise ValueError(f"index must be dataset indices >= 0; got min {index.min()}")
+  plans = [_plan(i, spec, num_images) for i in index.tolist()]
+  donor_of = sorted({d for _, _, d in plans if d >= 0})
+  donors = {}
+  if donor_of:
+    if read_donors is None:
+      raise ValueError("patch lesions take their donor from the whole split: pass "
+                       "read_donors (indices -> preprocessed images), or leave 'patch' "
+                       "out of the lesion kinds")
+    read = np.asarray(read_donors(np.asarray(donor_of)), np.float32)
+    if read.shape != (len(donor_of), *images.shape[1:]):
+      raise ValueError(f"read_donors returned shape {read.shape} for {len(donor_of)} "
+                       f"donors of images shaped {images.shape[1:]}")
+    donors = dict(zip(donor_of, read))
   out = images.copy()
   masks = np.zeros(images.shape[:-1] + (1,), np.float32)
   anomalous = np.zeros(images.shape[0], np.int32)
-  first = {}
-  for pos, i in enumerate(index.tolist()):
-    first.setdefault(i, pos)
-  ids = sorted(first)
-  for pos, i in enumerate(index.tolist()):
-    rng = np.random.default_rng([spec.seed, i])
-    if not rng.random() < spec.fraction:
+  for pos, (rng, kind, donor) in enumerate(plans):
+    if kind is None:
       continue
-    pick = rng.random()
-    others = [j for j in ids if j != i]
-    donor = images[first[others[int(pick * len(others))]]] if others else None
-    out[pos], masks[pos] = insert_lesion(images[pos], rng, spec, donor)
+    out[pos], masks[pos] = insert_lesion(images[pos], rng, spec, donors.get(donor), kind)
     anomalous[pos] = 1
   return out, masks, anomalous
