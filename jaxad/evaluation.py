@@ -27,6 +27,7 @@ from jaxad.data import pipeline, sources
 from jaxad.errors import CheckpointError, DataError
 
 EVAL, HEALTHY = 3, 4  # key purposes (trainer uses 0–2)
+RANGE_FACTOR = 4.0  # pixel curves span [0, RANGE_FACTOR × the healthy maps' maximum]
 
 
 def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
@@ -163,6 +164,18 @@ def healthy_map_stats(score_fn, variables, split, config, mesh, seed) -> dict:
     stats[k] = {"mean": mean, "std": float(np.sqrt(max(s2 / n - mean * mean, 0.0))),
                 "max": float(mx), "num_pixels": int(n)}
   return stats
+
+
+def pixel_range(healthy_max: float | None) -> tuple[float, float] | None:
+  """A map's PixelCurve range: [0, RANGE_FACTOR × its maximum over healthy images].
+
+  Lesions up to that much brighter than anything healthy keep their own bins; values
+  above land in the top bin and are reported as clipped_pixels. None (the first
+  batch's range, widened) when there is no healthy maximum or it is not positive.
+  """
+  if healthy_max is None or not healthy_max > 0:
+    return None
+  return 0.0, RANGE_FACTOR * float(healthy_max)
 
 
 def _pixel_metrics(curves: dict, stats: dict, config, healthy_source: str,
@@ -325,8 +338,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     if maps and mask is not None:
       for k, v in maps.items():
         if k not in curves:
-          hi = 4.0 * stats[k]["max"] if k in stats and stats[k]["max"] > 0 else None
-          value_range = None if hi is None else (0.0, hi)
+          value_range = pixel_range(stats.get(k, {}).get("max"))
           curves[k] = [metrics.PixelCurve(e.pixel_bins, value_range,
                                           keep_images=bool(e.bootstrap) and whole)
                        for whole in (True, False, False)]

@@ -5,10 +5,12 @@ eval.num_samples, batch `b`'s key `fold_in(purpose_key(seed, EVAL), b)` as in th
 binary, so a member's numbers are what `jaxad.evaluate` reports for its config; AUROC
 and AUPRC of the member's anomalous classes (its left-out class) against its normal
 ones. Pixel-wise, when the split has masks or data.synthetic_lesions.enabled: the
-five `pixel.PIXEL_MAPS` and streaming pixel AUROC/AUPRC (`metrics.PixelCurve`, its
-range fixed by each member's first batch). Lesions are those of the eval binary (a
-function of the lesion seed and the image's index alone, donors included), inserted
-into each member's normal test images.
+five `pixel.PIXEL_MAPS` and streaming pixel AUROC/AUPRC (`metrics.PixelCurve`) over
+the eval binary's range (`evaluation.pixel_range`: 4 × the map's maximum over the
+member's healthy validation images, else training images, scored with the eval
+binary's healthy-pass keys), with the pixels above it counted as `clipped_pixels`.
+Lesions are those of the eval binary (a function of the lesion seed and the image's
+index alone, donors included), inserted into each member's normal test images.
 """
 
 import functools
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxad import metrics, trainer
-from jaxad.evaluation import EVAL  # the eval binary's key purpose: the same draws
+from jaxad.evaluation import EVAL, HEALTHY, pixel_range  # the eval binary's rules
 from jaxad.data import lesions as lesions_lib
 from jaxad.errors import DataError
 from jaxad.grid_axes import Group
@@ -32,13 +34,16 @@ log = logging.getLogger("jaxad")
 
 @functools.lru_cache(maxsize=16)
 def make_score_fn(model, kind: str, num_samples: int, smooth_sigma: float, maps: bool,
-                  layout: Layout):
-  """jit(vmap): member k scores images[idx[k]]; sample scores, or pixel maps if `maps`."""
+                  layout: Layout, purpose: int = EVAL):
+  """jit(vmap): member k scores images[idx[k]]; sample scores, or pixel maps if `maps`.
+
+  Batch b's key is the eval binary's: fold_in(purpose_key(seed, purpose), b).
+  """
 
   def member(params, model_state, beta, seed, images, b):
     family = member_family(model, kind, beta, num_samples=num_samples,
                            smooth_sigma=smooth_sigma)
-    rng = jax.random.fold_in(trainer.purpose_key(seed, EVAL), b)
+    rng = jax.random.fold_in(trainer.purpose_key(seed, purpose), b)
     # The family's one pass gives both; jit drops the half not returned.
     return family.score({"params": params, **model_state}, images, rng, maps)[int(maps)]
 
@@ -71,6 +76,27 @@ def _run(score_fn, state, dev_images, index_lists, batch, betas, seeds, layout, 
     out = score_fn(state, dev_images, layout.put(idx[:, b], layout.batch), betas, seeds,
                    jnp.int32(b))
     consume(idx[:, b], valid[:, b] > 0, jax.device_get(out))
+
+
+def _healthy_max(healthy_fn, state, data: GroupData, batch, betas, seeds, layout, progress,
+                 desc) -> list[dict]:
+  """Per member: each map's maximum over its healthy validation images (else training
+  images), as the eval binary's `healthy_map_stats` finds it (same images, batches
+  and keys)."""
+  images, splits = (data.val, data.val_splits) if data.val is not None else (
+      data.train, data.train_splits)
+  peaks = [{} for _ in splits]
+
+  def keep(idx, valid, out):
+    for j, peak in enumerate(peaks):
+      if not valid[j].any():
+        continue
+      for name, v in out.items():
+        peak[name] = max(peak.get(name, -np.inf), float(v[j][valid[j]].max()))
+
+  _run(healthy_fn, state, layout.put(jnp.asarray(images["image"]), layout.replicated),
+       [s.normal_indices for s in splits], batch, betas, seeds, layout, progress, desc, keep)
+  return peaks
 
 
 def _ranking(labels, values) -> dict:
@@ -131,8 +157,12 @@ def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
     lists = [np.arange(n)] * k
   maps_fn = make_score_fn(model, kind, 1, float(e.smooth_sigma), maps=True,
                          layout=layout)
-  curves = [{name: metrics.PixelCurve(e.pixel_bins) for name in pixel.PIXEL_MAPS}
-            for _ in range(k)]
+  healthy_fn = make_score_fn(model, kind, 1, float(e.smooth_sigma), maps=True,
+                             layout=layout, purpose=HEALTHY)
+  peaks = _healthy_max(healthy_fn, state, data, batch, betas, seeds, layout, progress,
+                       f"{group.name} healthy maps")
+  curves = [{name: metrics.PixelCurve(e.pixel_bins, pixel_range(peaks[j].get(name)))
+             for name in pixel.PIXEL_MAPS} for j in range(k)]
 
   errors = {}
 
@@ -160,7 +190,9 @@ def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
     pix = {}
     for name, curve in curves[j].items():
       try:
-        pix[name] = {"auroc": curve.auroc(), "auprc": curve.auprc()}
+        pix[name] = {"auroc": curve.auroc(), "auprc": curve.auprc(),
+                     "clipped_pixels": curve.num_clipped,
+                     "value_range": list(curve.value_range)}
       except DataError as err:  # no lesion pixel (or no normal pixel) among its images
         pix[name] = {"auroc": None, "auprc": None, "error": str(err)}
     results[j]["pixel"] = pix

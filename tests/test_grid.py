@@ -1,6 +1,7 @@
 """Hyperparameter grids: members equal single runs, own data streams, tables, resume."""
 
 import csv
+import json
 import os
 
 import jax
@@ -8,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxad import grid, grid_axes, grid_train, parallel, trainer
-from jaxad.data import pipeline
+from jaxad import evaluation, grid, grid_axes, grid_eval, grid_train, metrics, parallel
+from jaxad import trainer
+from jaxad.data import lesions, pipeline
 from jaxad.errors import ConfigError
 
 
@@ -115,6 +117,10 @@ def test_grid_writes_one_row_per_member_and_score(full_grid):
   assert len(table) == len(keys) == 4 * 11 == results["num_rows"]
   assert {r["kind"] for r in table} == {"sample", "pixel"}
   assert all(0.0 <= float(r["auroc"]) <= 1.0 for r in table)
+  saved = json.load(open(os.path.join(workdir, "grid.json")))
+  for m in (m for g in saved["groups"] for m in g["members"]):
+    assert all(p["clipped_pixels"] >= 0 and p["value_range"][0] == 0.0
+               for p in m["pixel"].values())
   for name in ("grid.json", "grid.html", "figures/auroc_vs_latent_dim.png",
                "groups/g000.json", "groups/g001.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
@@ -162,3 +168,44 @@ def test_c_needs_a_gaussian_decoder_and_sets_beta(make_config):
   with pytest.raises(ConfigError, match="grid.axes.c needs model.likelihood='gaussian'"):
     grid_axes.plan(_grid_config(make_config, {"c": (1.0,)},
                                 **{"model.likelihood": "bernoulli"}))
+
+
+def test_grid_pixel_range_is_the_eval_binarys_and_counts_clipped_pixels(
+    make_config, tmp_path, monkeypatch):
+  # A narrow range (RANGE_FACTOR 0.5) so that test maps exceed it: the old grid took
+  # its range from the first test batch and clipped later values without a word.
+  monkeypatch.setattr(evaluation, "RANGE_FACTOR", 0.5)
+  config = _grid_config(make_config, {"seed": (0, 1)}, **{
+      "train.num_steps": 4, "eval.batch_size": 16, "data.synthetic_lesions.enabled": True})
+  (group,) = grid_axes.plan(config)
+  mesh = parallel.make_mesh()
+  data = grid_train.load_data(group)
+  state, _ = grid_train.train_group(group, str(tmp_path), mesh, data=data, progress=False)
+  results = grid_eval.evaluate_group(group, state, data, mesh, progress=False)
+  spec = lesions.spec_from_config(config.data.synthetic_lesions)
+  images, masks = grid_eval.lesioned(data.test["image"], spec)
+  for k, member in enumerate(group.members):
+    # The eval binary's own functions on this member: its healthy maximum and maps.
+    c = member.config
+    family, _ = trainer.build(c, 2)
+    score_fn = evaluation.make_score_fn(family, True)
+    variables = jax.tree.map(lambda x: x[k], {"params": state.params, **state.model_state})
+    stats = evaluation.healthy_map_stats(score_fn, variables, data.val_splits[k], c, mesh,
+                                         c.seed)
+    normal = data.test_split.normal_indices
+    padded = np.r_[normal, np.full(-len(normal) % 16, normal[0])].reshape(-1, 16)
+    maps = {}
+    for b, rows in enumerate(padded):
+      _, out = score_fn(variables, parallel.put_batch(images[rows], mesh), jax.random.fold_in(
+          trainer.purpose_key(c.seed, evaluation.EVAL), b))
+      for name, v in out.items():
+        maps.setdefault(name, []).append(np.asarray(v))
+    for name, got in results[k]["pixel"].items():
+      hi = 0.5 * stats[name]["max"]
+      assert got["value_range"] == pytest.approx([0.0, hi], rel=1e-5), name
+      values = np.concatenate(maps[name])[:len(normal)]
+      above = np.count_nonzero(values >= hi)
+      assert above > 0 and got["clipped_pixels"] == pytest.approx(above, abs=2), name
+      reference = metrics.PixelCurve(c.eval.pixel_bins, (0.0, hi))
+      reference.update(values, masks[normal][..., 0])
+      assert got["auroc"] == pytest.approx(reference.auroc(), abs=1e-3), name
