@@ -178,19 +178,32 @@ def pixel_range(healthy_max: float | None) -> tuple[float, float] | None:
   return 0.0, RANGE_FACTOR * float(healthy_max)
 
 
+def calibration_images(n: int, groups, fraction: float, seed: int) -> tuple[np.ndarray, str]:
+  """(is_calibration, what it is) for n scored images: the part Dice thresholds are
+  chosen on. Whole patients where `groups` (one id per image) is given, so no patient
+  is on both sides; none for fewer than 5 images or a single patient."""
+  grouped = groups is not None
+  if n < 5 or (grouped and len(np.unique(groups)) < 2):
+    return np.zeros(n, bool), "none: fewer than 5 images or a single patient"
+  chosen, _ = metrics.calibration_split(n, fraction, seed, groups)
+  is_calib = np.zeros(n, bool)
+  is_calib[chosen] = True
+  unit = "patients (data.group_column)" if grouped else "images"
+  return is_calib, (f"calibration split: a random {fraction:g} of the {unit} "
+                    f"({len(chosen)} images); Dice/IoU on the rest")
+
+
 def _pixel_metrics(curves: dict, stats: dict, config, healthy_source: str,
-                   num_calibration: int) -> dict:
+                   calibration: str) -> dict:
   out = {}
   for name, (whole, calib, report) in curves.items():
     m = {"auroc": whole.auroc(), "auprc": whole.auprc(), "clipped_pixels": whole.num_clipped}
     thresholds = {}
     try:
       t, _ = calib.best_f1_threshold()
-      thresholds["calibrated"] = {**report.overlap_at(t), "chosen_on": (
-          f"calibration split: a random {config.eval.calibration_fraction:g} of the images "
-          f"({num_calibration}); Dice/IoU on the rest")}
+      thresholds["calibrated"] = {**report.overlap_at(t), "chosen_on": calibration}
     except DataError as e:  # e.g. no lesion pixel in the calibration images
-      thresholds["calibrated"] = {"error": str(e)}
+      thresholds["calibrated"] = {"error": f"{e} (calibration images: {calibration})"}
     t, _ = whole.best_f1_threshold()
     thresholds["pr_operating_point"] = {
         **whole.overlap_at(t), "chosen_on": "the evaluated split itself (best F1 on its PR curve)"}
@@ -292,10 +305,9 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
 
   positions = np.arange(len(source)) if spec is None else data_split.normal_indices
   n = len(positions)
-  calib_idx, _ = metrics.calibration_split(n, e.calibration_fraction, config.seed) \
-      if n >= 5 else (np.arange(0), None)
-  is_calib = np.zeros(n, bool)
-  is_calib[calib_idx] = True
+  is_calib, calibration = calibration_images(
+      n, None if source.groups is None else source.groups[positions],
+      e.calibration_fraction, config.seed)
   curves = {}  # per map: PixelCurves of the whole split, calibration and report images
   map_file = None
   shape = trainer.image_shape(config, source.spatial_ndim)
@@ -383,8 +395,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     groups = None if source.groups is None else source.groups[index]
     result.update(_sample_metrics(scores, anomalous, class_of, normal_names, groups, config))
   if curves:
-    result["pixel"] = _pixel_metrics(curves, stats, config, healthy_source,
-                                     int(is_calib.sum()))
+    result["pixel"] = _pixel_metrics(curves, stats, config, healthy_source, calibration)
     groups = None if source.groups is None else source.groups[index]
     for k, (whole, _, _) in curves.items():
       if not e.bootstrap:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxad.data import splits
 from jaxad.errors import DataError
 
 # --------------------------------------------------------------------------- validation
@@ -448,27 +449,19 @@ def calibration_split(n: int, fraction: float = 0.2, seed: int = 0,
   Zimmerer et al. pick thresholds on a random fifth and report on the other four
   fifths. The halves are disjoint and cover range(n); with `groups` (patient ids) each
   group lands wholly on one side, the calibration side as close to `fraction`·n images
-  as whole groups allow. Deterministic per seed.
+  as whole groups allow (`splits.held_out`). Deterministic per seed.
   """
   _check_fraction(fraction)
   if int(n) != n or n < 2:
     raise DataError(f"calibration_split needs n >= 2 images, got {n!r}")
-  n, rng = int(n), np.random.default_rng(seed)
-  target = fraction * n
-  if groups is None:
-    size = min(max(int(round(target)), 1), n - 1)
-    chosen = rng.permutation(n)[:size]
-    calibration = np.zeros(n, bool)
-    calibration[chosen] = True
-  else:
-    names, group_of = np.unique(_as_groups(groups, n), return_inverse=True)
-    if len(names) < 2:
+  n = int(n)
+  if groups is not None:
+    groups = _as_groups(groups, n)
+    if len(np.unique(groups)) < 2:
       raise DataError("calibration_split with groups needs at least two groups "
                       "(patients), got one: pass groups=None to split images")
-    order = rng.permutation(len(names))
-    cumulative = np.cumsum(np.bincount(group_of, minlength=len(names))[order])
-    take = int(np.argmin(np.abs(cumulative[:-1] - target))) + 1  # 1..G-1 groups
-    calibration = np.isin(group_of, order[:take])
+  calibration = np.zeros(n, bool)
+  calibration[splits.held_out(n, fraction, seed, groups)] = True
   return np.flatnonzero(calibration), np.flatnonzero(~calibration)
 
 

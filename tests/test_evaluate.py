@@ -190,6 +190,34 @@ def test_synthetic_lesions_give_pixel_metrics_without_masks(trained, tmp_path):
   assert [int(r["anomalous"]) for r in rows] == [expected[i][2] for i in index]
 
 
+def test_patients_stay_on_one_side_of_validation_and_calibration(trained, tmp_path,
+                                                                 monkeypatch):
+  # A CSV data set with a patient column: the held-out validation images (the healthy
+  # maps) and the Dice calibration part are drawn by patient.
+  from test_splits import SIZES, _data_config, _groups, _one_side, _write_dataset
+  workdir, config = trained
+  groups = _groups()
+  _write_dataset(tmp_path, "train", groups)
+  _write_dataset(tmp_path, "test", groups, lesion=set(range(0, len(groups), 2)))
+  config = config.copy_and_resolve_references()
+  config.data = _data_config(tmp_path, mask_dir=str(tmp_path / "masks"))
+  config.eval.bootstrap = 0
+  seen = []
+  real = evaluation.calibration_images
+  monkeypatch.setattr(evaluation, "calibration_images",
+                      lambda n, g, *a: seen.append(g) or real(n, g, *a))
+  result = evaluation.evaluate(workdir, config=config)
+  rows = _rows(os.path.join(workdir, "eval", "test", "scores.csv"))
+  (passed,) = seen  # one patient id per scored image, in scoring order
+  np.testing.assert_array_equal(passed, groups[[int(r["index"]) for r in rows]])
+  for m in result["pixel"].values():
+    assert "of the patients" in m["thresholds"]["calibrated"]["chosen_on"]
+  train = pipeline.load_split(config.data, "train").source
+  val = pipeline.load_split(config.data, "val").source
+  assert len(train) + len(val) == sum(SIZES) and not set(train.groups) & set(val.groups)
+  assert _one_side(groups, real(len(groups), groups, 0.2, config.seed)[0].nonzero()[0])
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(CheckpointError, match="not a training workdir"):
     evaluation.evaluate(str(tmp_path))

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxad.data import splits
 from jaxad.errors import ConfigError, DataError
 
 ROLES = ("train", "val", "test")
@@ -96,8 +97,9 @@ def get_source(data: ml_collections.ConfigDict, role: str) -> Source | None:
   """Reads split `role` ('train', 'val' or 'test') of the dataset `data` describes.
 
   With data.val_split = '' the validation set is the fraction data.val_fraction of the
-  train split, fixed by `default_rng(0)`, and 'train' excludes it; with a zero fraction
-  there is no validation set and 'val' returns None.
+  train split, fixed by `default_rng(0)` (whole patients where the split has groups),
+  and 'train' excludes it; with a zero fraction there is no validation set and 'val'
+  returns None.
   """
   if role not in ROLES:
     raise ConfigError(f"unknown role {role!r}: use one of {list(ROLES)}")
@@ -115,7 +117,7 @@ def get_source(data: ml_collections.ConfigDict, role: str) -> Source | None:
   train = load(data, _split_name(data, "train"), "data.train_split")
   if fraction <= 0:
     return train
-  val = held_out_indices(len(train), fraction, train.name)
+  val = held_out_indices(len(train), fraction, train.name, groups=train.groups)
   if role == "val":
     return train.subset(val, f"{train.name} held-out val {fraction:g}")
   return train.subset(np.setdiff1d(np.arange(len(train)), val),
@@ -130,16 +132,21 @@ def _split_name(data, role: str) -> str:
   return split
 
 
-def held_out_indices(n: int, fraction: float, name: str = "the train split") -> np.ndarray:
-  """The sorted indices of the validation examples held out of an n-example split."""
+def held_out_indices(n: int, fraction: float, name: str = "the train split",
+                     groups=None) -> np.ndarray:
+  """The sorted indices of the validation examples held out of an n-example split.
+
+  With `groups` (patient ids) whole patients are held out (`splits.held_out`), so no
+  patient has images on both sides.
+  """
   if not 0 < fraction < 1:
     raise ConfigError(f"data.val_fraction={fraction} must be in (0, 1)")
   k = max(1, int(round(n * fraction)))
-  if k >= n:
+  if k >= n and groups is None:
     raise DataError(f"{name} has {n} examples: holding out data.val_fraction="
                     f"{fraction} for validation leaves none to train on; lower "
                     "data.val_fraction or set data.val_split")
-  return np.sort(np.random.default_rng(VAL_SEED).permutation(n)[:k])
+  return splits.held_out(n, fraction, VAL_SEED, groups)
 
 
 def resolve_classes(source: Source, classes) -> np.ndarray:
