@@ -2,6 +2,8 @@
 
 import csv
 import os
+import struct
+import zlib
 
 import ml_collections
 import numpy as np
@@ -90,6 +92,27 @@ def test_decode_image_modes(tmp_path, mode, dtype, channels):
   Image.fromarray(np.arange(30, dtype=np.uint8).reshape(6, 5)).convert(mode).save(path)
   image = sources.decode_image(path)
   assert image.dtype == dtype and image.shape == (6, 5, channels)
+
+
+def write_png16(path, array):
+  """A 16-bit grayscale PNG written byte by byte as the PNG spec lays it out (big-endian
+  samples, as scanners and OpenCV write them), independently of Pillow's encoder.
+  Pillow opens such a file in mode I;16."""
+  h, w = array.shape
+  rows = b"".join(b"\x00" + array[r].astype(">u2").tobytes() for r in range(h))
+  chunk = lambda tag, body: (struct.pack(">I", len(body)) + tag + body
+                             + struct.pack(">I", zlib.crc32(tag + body)))
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_png_keeps_every_value(tmp_path):
+  values = np.array([[0, 1, 255, 256], [258, 4095, 40000, 65535]], np.uint16)
+  write_png16(tmp_path / "scan.png", values)
+  image = sources.decode_image(str(tmp_path / "scan.png"))
+  assert image.dtype == np.uint16 and image.shape == (2, 4, 1)
+  np.testing.assert_array_equal(image[..., 0], values)  # 258 ≠ 513: byte order kept
 
 
 def test_folder_errors_name_the_problem(oct_tree, tmp_path):
@@ -224,6 +247,58 @@ def test_csv_errors(isic):
     sources.get_source(_data(source="csv", path=str(isic / "bad.csv")), "train")
 
 
+ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+
+
+def test_csv_reads_the_isic_2018_ground_truth_as_shipped(tmp_path):
+  """ISIC2018_Task3_Training_GroundTruth.csv: one-hot float cells ("0.0"/"1.0"), ids
+  without extension, images ISIC2018_Task3_Training_Input/<id>.jpg."""
+  root = tmp_path / "isic2018"
+  ids = ["ISIC_0024306", "ISIC_0024307", "ISIC_0024308", "ISIC_0024309", "ISIC_0024310"]
+  classes = [1, 1, 0, 3, 6]  # NV, NV, MEL, AKIEC, VASC
+  rows = [[i] + ["1.0" if k == c else "0.0" for k in range(7)] for i, c in zip(ids, classes)]
+  _write_csv(str(root / "ISIC2018_Task3_Training_GroundTruth.csv"), ["image", *ISIC_CLASSES],
+             rows)
+  for n, i in enumerate(ids):
+    _save(str(root / "ISIC2018_Task3_Training_Input" / f"{i}.jpg"),
+          np.full((6, 5, 3), 40 * n, np.uint8), quality=95)
+  data = _data(source="csv", path=str(root / "ISIC2018_Task3_Training_GroundTruth.csv"),
+               image_dir=str(root / "ISIC2018_Task3_Training_Input"), image_ext=".jpg",
+               id_column="image", label_column="", group_column="", mask_dir="")
+  source = sources.get_source(data, "train")
+  assert source.class_names == ISIC_CLASSES
+  np.testing.assert_array_equal(source.labels, classes)
+  assert list(source.ids) == [f"{i}.jpg" for i in ids]
+  image, mask = source.read(2)
+  assert image.shape == (6, 5, 3) and image.dtype == np.uint8 and mask is None
+  assert abs(int(image.mean()) - 80) <= 2  # JPEG is lossy, but barely on a flat image
+
+
+# ----------------------------------------------------------------------------------
+# nifti
+
+
+def test_nifti_singleton_axis_and_integer_width(tmp_path):
+  """(x, y, z, 1) volumes, as some tools save them; int16 stays 16-bit however dark."""
+  nibabel = pytest.importorskip("nibabel")  # an install extra: jaxad[nifti]
+  rng = np.random.default_rng(0)
+  xyz = {"bright": rng.integers(0, 3000, (5, 4, 3)).astype(np.int16),
+         "dark": rng.integers(0, 200, (5, 4, 3)).astype(np.int16)}
+  for name, volume in xyz.items():
+    folder = tmp_path / "mri/test/healthy"
+    folder.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(volume[..., None], np.eye(4)),
+                 str(folder / f"{name}.nii.gz"))
+    assert nibabel.load(str(folder / f"{name}.nii.gz")).shape == (5, 4, 3, 1)
+  source = sources.get_source(_data(source="nifti", path=str(tmp_path / "mri")), "test")
+  assert list(source.ids) == ["healthy/bright.nii.gz", "healthy/dark.nii.gz"]
+  for i, name in enumerate(("bright", "dark")):
+    volume, mask = source.read(i)
+    assert volume.shape == (3, 4, 5, 1) and mask is None  # (z, y, x) = D×H×W
+    assert volume.dtype == np.uint16  # one mapping to [-1, 1] for every file
+    np.testing.assert_array_equal(volume[..., 0], xyz[name].transpose(2, 1, 0))
+
+
 # ----------------------------------------------------------------------------------
 # npz
 
@@ -279,6 +354,80 @@ def test_npz_errors(tmp_path):
     sources.get_source(data, "test")
   with pytest.raises(DataError, match="not found: check data.path"):
     sources.get_source(_data(source="npz", path=str(tmp_path / "none.npz")), "train")
+
+
+def _medmnist(path, image_shape, sizes=(6, 2, 3), label_dtype=np.uint8,
+              label_shape=lambda n: (n, 1), seed=0):
+  """An .npz laid out as MedMNIST ships it: {train,val,test}_{images,labels}, uint8
+  images, uint8 labels of shape N×1, written with np.savez_compressed."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in zip(("train", "val", "test"), sizes):
+    arrays[f"{split}_images"] = rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
+    arrays[f"{split}_labels"] = (np.arange(n) % 3 + (split == "test")).astype(
+        label_dtype).reshape(label_shape(n))  # class 3 only in the test split
+  np.savez_compressed(path, **arrays)
+  return arrays
+
+
+@pytest.mark.parametrize("image_shape, spatial_ndim, channels", [
+    ((28, 28), 2, 1), ((28, 28, 3), 2, 3), ((28, 28, 28), 3, 1)])
+def test_npz_reads_medmnist_files_as_shipped(tmp_path, image_shape, spatial_ndim, channels):
+  arrays = _medmnist(tmp_path / "medmnist.npz", image_shape)
+  data = _data(source="npz", path=str(tmp_path / "medmnist.npz"), ndim=0)
+  for split in ("train", "val", "test"):
+    source = sources.get_source(data, split)
+    assert source.spatial_ndim == spatial_ndim
+    assert source.class_names == ("0", "1", "2", "3")  # the largest label of any split
+    np.testing.assert_array_equal(source.labels, arrays[f"{split}_labels"][:, 0])
+    assert source.labels.dtype == np.int32
+    for i in range(len(source)):
+      image, mask = source.read(i)
+      assert image.dtype == np.uint8 and mask is None
+      assert image.shape == (*image_shape[:spatial_ndim], channels)
+      np.testing.assert_array_equal(image.reshape(image_shape),
+                                    arrays[f"{split}_images"][i])
+
+
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.uint16, np.int32, np.int64])
+@pytest.mark.parametrize("flat", [False, True])
+def test_npz_labels_of_any_integer_dtype_and_shape(tmp_path, label_dtype, flat):
+  shape = (lambda n: (n,)) if flat else (lambda n: (n, 1))
+  arrays = _medmnist(tmp_path / "m.npz", (4, 4), label_dtype=label_dtype, label_shape=shape)
+  test = sources.get_source(_data(source="npz", path=str(tmp_path / "m.npz")), "test")
+  np.testing.assert_array_equal(test.labels, arrays["test_labels"].reshape(-1))
+  assert test.class_names == ("0", "1", "2", "3")
+
+
+def test_npz_empty_label_arrays_give_no_classes(tmp_path):
+  np.savez_compressed(tmp_path / "m.npz", train_images=np.zeros((0, 4, 4), np.uint8),
+                      train_labels=np.zeros((0, 1), np.uint8))
+  train = sources.get_source(_data(source="npz", path=str(tmp_path / "m.npz")), "train")
+  assert len(train) == 0 and train.class_names == ()
+
+
+def test_npz_wide_integers_share_one_dtype_for_the_whole_array(tmp_path):
+  images = np.zeros((2, 4, 4), np.int32)
+  images[0, 0, 0], images[1, 0, 0] = 200, 300  # alone, image 0 would fit in uint8
+  data = _npz(tmp_path / "w.npz", train_images=images, train_labels=np.array([0, 0]))
+  train = sources.get_source(data, "train")
+  for i in range(2):
+    image, _ = train.read(i)
+    assert image.dtype == np.uint16 and image[0, 0, 0] == images[i, 0, 0]
+
+
+@pytest.mark.parametrize("key", ["images", "test_images"])
+def test_unlabeled_npz_input_reads_every_row(tmp_path, key):
+  arrays = _medmnist(tmp_path / "m.npz", (5, 4, 3), sizes=(0, 0, 3))
+  images = arrays["test_images"]
+  np.savez_compressed(tmp_path / "in.npz", **{key: images})
+  source = sources.unlabeled_source(str(tmp_path / "in.npz"))
+  assert source.class_names == ("unlabeled",) and list(source.labels) == [0, 0, 0]
+  assert list(source.ids) == [f"{key}/{i}" for i in range(3)] and source.spatial_ndim == 2
+  for i in range(3):
+    np.testing.assert_array_equal(source.read(i)[0], images[i])
+  with pytest.raises(DataError, match=r"one image array named 'images'.*test_images"):
+    sources.unlabeled_source(str(tmp_path / "m.npz"))  # three *_images arrays
 
 
 # ----------------------------------------------------------------------------------

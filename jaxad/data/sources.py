@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import os
 import re
+import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxad.data import npz as npz_lib
 from jaxad.data import splits
 from jaxad.errors import ConfigError, DataError
 
@@ -239,24 +241,46 @@ def _read_mask(path: str, image: np.ndarray, image_name: str) -> np.ndarray:
 
 def _standard_dtype(images: np.ndarray, what: str) -> np.ndarray:
   """In-memory pixel arrays → uint8, uint16 or float32 (integers by their range)."""
-  dtype = images.dtype
-  if dtype in (np.uint8, np.uint16, np.float32):
-    return images
-  if np.issubdtype(dtype, np.floating):
-    return images.astype(np.float32)
-  if dtype == np.bool_:
-    return images.astype(np.uint8) * np.uint8(255)
-  if np.issubdtype(dtype, np.integer):
-    lo, hi = (int(images.min()), int(images.max())) if images.size else (0, 0)
-    if lo >= 0 and hi <= 255:
-      return images.astype(np.uint8)
+  value_range = lambda: (images.min().item(), images.max().item()) if images.size else (0, 0)
+  return _as_pixels(images, _pixel_dtype(images.dtype, value_range, what))
+
+
+def _pixel_dtype(dtype, value_range: Callable[[], tuple], what: str, *,
+                 by_width: bool = False) -> np.dtype:
+  """The dtype pixels are served in: uint8, uint16 or float32.
+
+  Other integers go by the range of the whole array (so every image of it maps its
+  intensities the same way), or with `by_width` (one file of many) by their width: 8
+  bits → uint8, wider → uint16, after checking the values fit. `value_range()` gives
+  (min, max) and is called only for integer dtypes other than uint8 and uint16.
+  """
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_ or (dtype.kind == "u" and dtype.itemsize == 1):
+    return np.dtype(np.uint8)
+  if dtype.kind == "u" and dtype.itemsize == 2:
+    return np.dtype(np.uint16)
+  if dtype.kind == "f":
+    return np.dtype(np.float32)
+  if dtype.kind in "iu":
+    lo, hi = value_range()
+    if by_width and lo >= 0 and hi <= (255 if dtype.itemsize == 1 else 65535):
+      return np.dtype(np.uint8 if dtype.itemsize == 1 else np.uint16)
+    if not by_width and lo >= 0 and hi <= 255:
+      return np.dtype(np.uint8)
     if lo >= 0 and hi <= 65535:
-      return images.astype(np.uint16)
+      return np.dtype(np.uint16)
     raise DataError(f"{what} has {dtype} pixels in [{lo}, {hi}], outside 0..65535: "
                     "store them as uint16, or as float32 in [0, 1] (e.g. after a CT "
                     "window)")
   raise DataError(f"{what} has unsupported pixel dtype {dtype}: store uint8, uint16 "
                   "or float32 pixels")
+
+
+def _as_pixels(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  """`x` in the dtype `_pixel_dtype` chose; booleans become 0 / 255."""
+  if x.dtype == np.bool_:
+    return x.astype(np.uint8) * np.uint8(255)
+  return x.astype(dtype, copy=False)
 
 
 def _ids(split: str, n: int) -> np.ndarray:
@@ -475,7 +499,10 @@ def read_nifti(path: str) -> np.ndarray:
 
   The file's (x, y, z) axes are reversed to (z, y, x) = D×H×W, so slicing D gives the
   axial slices of an RAS-oriented brain MRI; a trailing axis of length 1 (x, y, z, 1)
-  is dropped. Intensity scaling in the header (scl_slope) gives float32.
+  is dropped. Intensity scaling in the header (scl_slope) gives float32. Integer
+  volumes are served by their stored width, not their values (int16 → uint16 even for a
+  dark scan whose values fit in uint8), so every file of a dataset maps intensities to
+  [-1, 1] the same way.
   """
   try:
     import nibabel  # pylint: disable=import-outside-toplevel
@@ -487,12 +514,15 @@ def read_nifti(path: str) -> np.ndarray:
   except Exception as e:  # nibabel raises many kinds on a corrupt file
     raise DataError(f"cannot read NIfTI volume {path} ({_first_line(e)}); remove or "
                     "replace the file") from None
-  if volume.ndim == 4 and volume.shape[-1] == 1:
+  while volume.ndim > 3 and volume.shape[-1] == 1:  # (x, y, z, 1), as some tools save
     volume = volume[..., 0]
   if volume.ndim != 3:
     raise DataError(f"NIfTI file {path} has shape {volume.shape}: one 3-D volume per "
                     "file is expected (split 4-D series into one file per volume)")
-  return _standard_dtype(np.ascontiguousarray(volume.transpose(2, 1, 0)), path)[..., None]
+  volume = np.ascontiguousarray(volume.transpose(2, 1, 0))
+  value_range = lambda: (volume.min().item(), volume.max().item()) if volume.size else (0, 0)
+  dtype = _pixel_dtype(volume.dtype, value_range, f"NIfTI file {path}", by_width=True)
+  return _as_pixels(volume, dtype)[..., None]
 
 
 def _nifti_source(data, split: str, key: str) -> Source:
@@ -684,85 +714,102 @@ def _csv_masks(mask_dir: str, ids: list[str]) -> list[str | None]:
 def _npz_source(data, split: str, key: str) -> Source:
   """MedMNIST-style arrays `{split}_images`, `{split}_labels`, optional `{split}_masks`.
 
-  The split's arrays are loaded into memory once. Images are N×H×W, N×H×W×C (C in 1, 3,
-  4; alpha dropped), N×D×H×W or N×D×H×W×1; a 4-D array whose last axis is 1, 3 or
-  4 is taken as 2D with channels unless data.ndim says otherwise.
+  Labels (any integer dtype, shape N or N×1, as MedMNIST's uint8 N×1) are loaded once;
+  images and masks are read from disk one example at a time (`jaxad.data.npz`), so a
+  large split costs no memory. Images are N×H×W, N×H×W×C (C in 1, 3, 4; alpha
+  dropped), N×D×H×W or N×D×H×W×1; a 4-D array whose last axis is 1, 3 or 4 is taken
+  as 2D with channels unless data.ndim says otherwise.
   """
   path = data.get("path", "")
-  keys, arrays, max_label = _load_npz(path, split)
+  keys, labels_by_split, names = _npz_index(path)
   for k in (f"{split}_images", f"{split}_labels"):
-    if k not in arrays:
+    if k not in keys:
       raise DataError(f"{path} has no array {k!r} (its keys: {keys}): "
                       f"{_split_hint(key)}")
   name = f"npz:{path}[{split}]"
-  images, spatial_ndim = _npz_images(arrays[f"{split}_images"], int(data.get("ndim", 0)
-                                                                     or 0), name)
-  labels = _npz_labels(arrays[f"{split}_labels"], len(images), name)
-  masks = arrays.get(f"{split}_masks")
+  images = npz_lib.NpzArray(path, f"{split}_images")
+  spatial_ndim = _npz_spatial(images.shape, int(data.get("ndim", 0) or 0), name)
+  read_image = _npz_reader(images, spatial_ndim, name)
+  labels = _npz_labels(labels_by_split[split], len(images), name)
+  masks = npz_lib.NpzArray(path, f"{split}_masks") if f"{split}_masks" in keys else None
   lead = 1 + spatial_ndim  # N and the spatial axes
   if masks is not None and masks.shape[:lead] != images.shape[:lead]:
     raise DataError(f"{name}: masks have shape {masks.shape} but images "
                     f"{images.shape}: {split}_masks must match {split}_images")
-  class_names = _npz_class_names(arrays.get("class_names"), max_label, name)
+  max_label = max((_max_label(v) for v in labels_by_split.values()), default=-1)
+  class_names = _npz_class_names(names, max_label, name)
 
   def reader(i):
     mask = None if masks is None else _binary_mask(masks[i], spatial_ndim)
-    return images[i], mask
+    return read_image(i), mask
 
   return Source(
       name=name, class_names=class_names, labels=labels, ids=_ids(split, len(labels)),
       groups=None, has_masks=masks is not None, spatial_ndim=spatial_ndim, reader=reader)
 
 
-def _load_npz(path: str, split: str) -> tuple[list[str], dict[str, np.ndarray], int]:
-  """All keys, the split's arrays and class_names, and the largest label of any split."""
+def _npz_index(path: str) -> tuple[list[str], dict[str, np.ndarray], np.ndarray | None]:
+  """All array names, every split's labels ({split: array}) and class_names (or None)."""
   if not os.path.isfile(path):
     raise DataError(f"npz file {path!r} not found: check data.path")
-  try:
-    f = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise DataError(f"cannot read npz file {path} ({e}): check data.path") from None
-  if not isinstance(f, np.lib.npyio.NpzFile):
-    raise DataError(f"{path} is a single .npy array, not an .npz archive: save the "
+  if not zipfile.is_zipfile(path):
+    raise DataError(f"{path} is not an .npz archive (a single .npy array?): save the "
                     "arrays with np.savez(path, train_images=..., train_labels=..., ...)")
-  with f:
-    try:
-      arrays = {k: f[k] for k in f.files
-                if k.startswith(f"{split}_") or k == "class_names"}
-      max_label = max((int(np.max(f[k], initial=-1)) for k in f.files
-                       if k.endswith("_labels")), default=-1)
-    except (OSError, ValueError) as e:
-      raise DataError(f"cannot read the arrays of {path} ({e}): store plain numeric "
-                      "arrays, and class_names as a str array (dtype=str)") from None
-    return list(f.files), arrays, max_label
+  keys = npz_lib.member_names(path)
+  wanted = [k for k in keys if k.endswith("_labels") or k == "class_names"]
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in wanted}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise DataError(f"cannot read the arrays of {path} ({e}): store plain numeric "
+                    "arrays, and class_names as a str array (dtype=str)") from None
+  labels = {k[:-len("_labels")]: v for k, v in arrays.items() if k.endswith("_labels")}
+  return keys, labels, arrays.get("class_names")
 
 
-def _npz_images(images: np.ndarray, ndim: int, name: str) -> tuple[np.ndarray, int]:
-  """Adds the channel axis where missing; returns (images, spatial_ndim)."""
+def _max_label(labels: np.ndarray) -> int:
+  """The largest label, -1 when there is none (of any dtype: uint8 has no -1)."""
+  return int(labels.max()) if labels.size else -1
+
+
+def _npz_spatial(shape: tuple[int, ...], ndim: int, name: str) -> int:
+  """The spatial rank of images of `shape` (N first), checked against data.ndim."""
   if ndim not in (0, 2, 3):
     raise ConfigError(f"data.ndim={ndim} must be 0 (infer), 2 (images) or 3 (volumes)")
-  rank = images.ndim
+  rank = len(shape)
   if rank == 3 and ndim != 3:
     spatial = 2
   elif rank == 4:
-    spatial = ndim or (2 if images.shape[-1] in (1, 3, 4) else 3)
-  elif rank == 5 and ndim != 2 and images.shape[-1] == 1:
+    spatial = ndim or (2 if shape[-1] in (1, 3, 4) else 3)
+  elif rank == 5 and ndim != 2 and shape[-1] == 1:
     spatial = 3
   else:
-    raise DataError(f"{name}: images of shape {images.shape} do not fit data.ndim="
+    raise DataError(f"{name}: images of shape {shape} do not fit data.ndim="
                     f"{ndim}; expected N×H×W, N×H×W×C (C in 1, 3, 4), N×D×H×W or "
                     "N×D×H×W×1: check data.ndim")
-  if rank == spatial + 1:
-    images = images[..., None]
-  elif spatial == 2 and images.shape[-1] not in (1, 3, 4):
-    raise DataError(f"{name}: {images.shape[-1]} channels are not supported (use 1, 3 "
+  if spatial == 2 and rank == 4 and shape[-1] not in (1, 3, 4):
+    raise DataError(f"{name}: {shape[-1]} channels are not supported (use 1, 3 "
                     "or 4); set data.ndim=3 if the array holds volumes")
-  elif spatial == 2 and images.shape[-1] == 4:
-    images = images[..., :3]  # drop alpha
-  return _standard_dtype(images, name), spatial
+  return spatial
+
+
+def _npz_image(x: np.ndarray, spatial_ndim: int) -> np.ndarray:
+  """One stored image → spatial×C: adds the channel axis where missing, drops alpha."""
+  if x.ndim == spatial_ndim:
+    return x[..., None]
+  if spatial_ndim == 2 and x.shape[-1] == 4:
+    return x[..., :3]
+  return x
+
+
+def _npz_reader(images: npz_lib.NpzArray, spatial_ndim: int, name: str) -> Callable:
+  """i → image i in its pixel dtype (chosen once for the whole array)."""
+  dtype = _pixel_dtype(images.dtype, images.value_range, name)
+  return lambda i: _as_pixels(_npz_image(images[i], spatial_ndim), dtype)
 
 
 def _npz_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
+  """Class indices of any integer (or integral float) dtype, shape N or N×1 → int32 N."""
   if labels.ndim == 2 and labels.shape[1] > 1:
     raise DataError(f"{name}: labels have shape {labels.shape}, i.e. multi-label; "
                     "multi-label data is not supported: convert to a single class "
@@ -777,6 +824,7 @@ def _npz_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
 
 
 def _npz_class_names(names, max_label: int, name: str) -> tuple[str, ...]:
+  """class_names as stored, else "0".."max_label"; one name per label either way."""
   if names is None:
     return tuple(str(i) for i in range(max_label + 1))
   names = tuple(str(c) for c in np.asarray(names).reshape(-1))
@@ -900,9 +948,9 @@ _LOADERS = {
 def unlabeled_source(path: str, ndim: int = 0) -> Source:
   """Images to score with no labels: a folder (searched recursively) or an .npz file.
 
-  A folder is read file by file, so memory stays flat however many images it holds; an
-  .npz is loaded once (its `images` array, or its only `*_images` array). Every image
-  gets the class 'unlabeled', treated as normal.
+  A folder is read file by file and an .npz (its `images` array, or its only
+  `*_images` array) row by row, so memory stays flat however many images they hold.
+  Every image gets the class 'unlabeled', treated as normal.
   """
   if os.path.isdir(path):
     files = sorted(os.path.relpath(os.path.join(d, f), path)
@@ -914,13 +962,15 @@ def unlabeled_source(path: str, ndim: int = 0) -> Source:
     reader = lambda i: (decode_image(os.path.join(path, files[i])), None)
     ids, spatial_ndim = files, 2
   elif path.endswith(".npz") and os.path.isfile(path):
-    with np.load(path, allow_pickle=False) as f:
-      keys = [k for k in f.files if k == "images" or k.endswith("_images")]
-      if len(keys) != 1:
-        raise DataError(f"{path} must hold one image array named 'images' or "
-                        f"'<split>_images' (its keys: {list(f.files)}): check --input")
-      images, spatial_ndim = _npz_images(f[keys[0]], ndim, f"npz:{path}")
-    reader = lambda i: (images[i], None)
+    names = npz_lib.member_names(path)
+    keys = [k for k in names if k == "images" or k.endswith("_images")]
+    if len(keys) != 1:
+      raise DataError(f"{path} must hold one image array named 'images' or "
+                      f"'<split>_images' (its keys: {names}): check --input")
+    images = npz_lib.NpzArray(path, keys[0])
+    spatial_ndim = _npz_spatial(images.shape, ndim, f"npz:{path}")
+    read = _npz_reader(images, spatial_ndim, f"npz:{path}")
+    reader = lambda i: (read(i), None)
     ids = [f"{keys[0]}/{i}" for i in range(len(images))]
   else:
     raise DataError(f"--input={path!r} is neither a folder of images nor an .npz file")
