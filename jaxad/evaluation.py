@@ -279,6 +279,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   parallel.local_batch_size(e.batch_size, mesh)
   if input_path:
     source = sources.unlabeled_source(input_path, int(config.data.ndim))
+    pipeline.check_files(source, config.data)
     data_split, name = pipeline.Split(source, np.array([0])), "input"
   else:
     data_split, name = pipeline.load_split(config.data, split), split

@@ -112,7 +112,67 @@ def test_corrupt_file_is_named_through_the_pipeline(make_config, tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{i}.png")
   (folder / "3_broken.png").write_bytes(b"not a png at all")
   config = make_config(**{"data.source": "folder", "data.path": str(tmp_path),
-                          "data.normal_classes": ("NORMAL",), "data.val_split": ""})
+                          "data.normal_classes": ("NORMAL",), "data.val_split": "",
+                          "data.check_files": False})
   split = pipeline.load_split(config.data, "train")
   with pytest.raises(DataError, match="3_broken.png"):
     list(pipeline.eval_batches(split, config.data, global_batch=4))
+
+
+def _folder_with_bad_files(root, good=3):
+  """ROOT/train/NORMAL: `good` fine PNGs, a truncated PNG and a file that is no image."""
+  folder = root / "train" / "NORMAL"
+  folder.mkdir(parents=True)
+  for i in range(good):
+    Image.fromarray(np.full((32, 32), i, np.uint8)).save(folder / f"{i}.png")
+  noisy = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+  Image.fromarray(noisy).save(folder / "cut.png")
+  (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:300])  # a cut copy
+  (folder / "junk.png").write_bytes(b"<html>404</html>")
+  return folder
+
+
+def test_check_files_names_every_bad_file_before_any_batch(make_config, tmp_path, caplog):
+  folder = _folder_with_bad_files(tmp_path)
+  config = make_config(**{"data.source": "folder", "data.path": str(tmp_path),
+                          "data.normal_classes": ("NORMAL",), "data.val_split": ""})
+  with caplog.at_level("INFO", logger="jaxad"):
+    with pytest.raises(DataError) as e:
+      pipeline.load_split(config.data, "train")
+  message = str(e.value)
+  assert message.startswith("2 of the 5 examples of folder:")
+  assert str(folder / "cut.png") in message and "truncated" in message
+  assert str(folder / "junk.png") in message
+  assert "remove or replace these files, or set data.check_files=False" in message
+  assert "read the 5 examples of folder:" in caplog.text  # its cost is logged
+  (folder / "cut.png").unlink()
+  (folder / "junk.png").unlink()
+  assert len(pipeline.load_split(config.data, "train").source) == 3
+
+
+def test_check_files_switch_and_size_limit(make_config, tmp_path, caplog):
+  _folder_with_bad_files(tmp_path)
+  base = {"data.source": "folder", "data.path": str(tmp_path),
+          "data.normal_classes": ("NORMAL",), "data.val_split": ""}
+  off = make_config(**base, **{"data.check_files": False})
+  assert len(pipeline.load_split(off.data, "train").source) == 5
+  with caplog.at_level("INFO", logger="jaxad"):
+    large = make_config(**base, **{"data.check_files_max": 4})
+    assert len(pipeline.load_split(large.data, "train").source) == 5
+  assert "5 examples, more than data.check_files_max=4: not checked" in caplog.text
+  exact = make_config(**base, **{"data.check_files_max": 5})
+  with pytest.raises(DataError, match="2 of the 5 examples"):
+    pipeline.load_split(exact.data, "train")
+  # In-memory sources have nothing to check.
+  assert pipeline.load_split(make_config().data, "train") is not None
+
+
+def test_training_stops_on_a_bad_file_before_building_anything(make_config, tmp_path):
+  from jaxad import trainer
+  _folder_with_bad_files(tmp_path / "data")
+  config = make_config(**{"data.source": "folder", "data.path": str(tmp_path / "data"),
+                          "data.normal_classes": ("NORMAL",), "data.val_split": ""})
+  workdir = tmp_path / "workdir"
+  with pytest.raises(DataError, match=r"cut\.png.*\n.*junk\.png"):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()

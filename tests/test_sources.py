@@ -60,7 +60,7 @@ def test_folder_reads_labels_ids_and_dtypes(oct_tree):
   assert list(train.ids) == ["CNV/c.jpg", "NORMAL/a.PNG", "NORMAL/b.png"]
   np.testing.assert_array_equal(train.labels, [0, 3, 3])
   assert train.labels.dtype == np.int32 and train.groups is None
-  assert not train.has_masks and train.spatial_ndim == 2
+  assert not train.has_masks and train.spatial_ndim == 2 and train.from_files
   gray, mask = train.read(1)
   assert gray.shape == (6, 5, 1) and gray.dtype == np.uint8 and gray[0, 0, 0] == 20
   assert mask is None
@@ -266,7 +266,7 @@ def test_csv_reads_the_isic_2018_ground_truth_as_shipped(tmp_path):
                image_dir=str(root / "ISIC2018_Task3_Training_Input"), image_ext=".jpg",
                id_column="image", label_column="", group_column="", mask_dir="")
   source = sources.get_source(data, "train")
-  assert source.class_names == ISIC_CLASSES
+  assert source.class_names == ISIC_CLASSES and source.from_files  # data.check_files
   np.testing.assert_array_equal(source.labels, classes)
   assert list(source.ids) == [f"{i}.jpg" for i in ids]
   image, mask = source.read(2)
@@ -292,6 +292,7 @@ def test_nifti_singleton_axis_and_integer_width(tmp_path):
     assert nibabel.load(str(folder / f"{name}.nii.gz")).shape == (5, 4, 3, 1)
   source = sources.get_source(_data(source="nifti", path=str(tmp_path / "mri")), "test")
   assert list(source.ids) == ["healthy/bright.nii.gz", "healthy/dark.nii.gz"]
+  assert source.from_files  # checked by data.check_files
   for i, name in enumerate(("bright", "dark")):
     volume, mask = source.read(i)
     assert volume.shape == (3, 4, 5, 1) and mask is None  # (z, y, x) = D×H×W
@@ -377,7 +378,7 @@ def test_npz_reads_medmnist_files_as_shipped(tmp_path, image_shape, spatial_ndim
   data = _data(source="npz", path=str(tmp_path / "medmnist.npz"), ndim=0)
   for split in ("train", "val", "test"):
     source = sources.get_source(data, split)
-    assert source.spatial_ndim == spatial_ndim
+    assert source.spatial_ndim == spatial_ndim and not source.from_files
     assert source.class_names == ("0", "1", "2", "3")  # the largest label of any split
     np.testing.assert_array_equal(source.labels, arrays[f"{split}_labels"][:, 0])
     assert source.labels.dtype == np.int32

@@ -9,9 +9,17 @@ So the global batch at step `s` is the same on 1 process or 64, and resuming at 
 
 Evaluation batches cover a split exactly once, in order: the last batch is padded and
 every example carries `index` (into the source, for its id) and `valid` (0 on padding).
+
+`load_split` reads every file of a file-backed split once (data.check_files), so an
+unreadable or truncated image is reported, with its path, before anything compiles
+rather than mid-epoch.
 """
 
+import concurrent.futures
 import dataclasses
+import logging
+import os
+import time
 from collections.abc import Iterator
 
 import ml_collections
@@ -21,7 +29,9 @@ import tensorflow as tf
 from jaxad.data import sources
 from jaxad.errors import ConfigError, DataError
 
+log = logging.getLogger("jaxad")
 AUTOTUNE = tf.data.AUTOTUNE
+MAX_LISTED = 20  # bad files named in a check_files error
 # tf.data runs on the host only: never let TensorFlow take accelerator memory from JAX.
 tf.config.set_visible_devices([], "GPU")
 
@@ -68,7 +78,51 @@ def load_split(data: ml_collections.ConfigDict, role: str) -> Split | None:
         f"the {role} split of {source.name} has no image of the normal classes "
         f"{[source.class_names[i] for i in split.normal_labels]} (classes present: "
         f"{present}): check data.normal_classes / data.anomalous_classes")
+  check_files(source, data)
   return split
+
+
+def check_files(source: sources.Source, data: ml_collections.ConfigDict) -> None:
+  """Reads every example of a file-backed source once; raises one DataError naming
+  every file that cannot be read.
+
+  Runs when data.check_files is on and the source has at most data.check_files_max
+  examples (0: no limit); larger sources are skipped with a log line. Files are decoded
+  on a thread pool and the time taken is logged.
+  """
+  if not source.from_files or not data.get("check_files", True):
+    return
+  n, limit = len(source), int(data.get("check_files_max", 0) or 0)
+  if limit < 0:
+    raise ConfigError(f"data.check_files_max={limit} must be >= 0 (0 = no limit)")
+  if limit and n > limit:
+    log.info("data.check_files: %s has %d examples, more than data.check_files_max=%d: "
+             "not checked (a bad file stops the run when it is read)", source.name, n,
+             limit)
+    return
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+    problems = [p for p in pool.map(lambda i: _read_problem(source, i), range(n)) if p]
+  log.info("data.check_files: read the %d examples of %s in %.1f s", n, source.name,
+           time.perf_counter() - t0)
+  if problems:
+    listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
+    more = (f"\n  ... and {len(problems) - MAX_LISTED} more"
+            if len(problems) > MAX_LISTED else "")
+    raise DataError(
+        f"{len(problems)} of the {n} examples of {source.name} cannot be read:\n"
+        f"{listed}{more}\nremove or replace these files, or set "
+        "data.check_files=False to skip this check (a bad file then stops the run when "
+        "it is read)")
+
+
+def _read_problem(source: sources.Source, i: int) -> str | None:
+  """Why example i cannot be read (the message names its file), or None."""
+  try:
+    source.read(i)
+  except DataError as e:
+    return str(e)
+  return None
 
 
 def output_shape(data: ml_collections.ConfigDict, spatial_ndim: int) -> tuple[int, ...]:

@@ -49,6 +49,7 @@ class Source:
   has_masks: bool
   spatial_ndim: int  # 2 for images, 3 for volumes
   reader: Reader  # i -> (image, mask or None), see the module docstring
+  from_files: bool = False  # one file per example (folder, nifti, csv): data.check_files
 
   def __post_init__(self):
     n = len(self.labels)
@@ -68,7 +69,7 @@ class Source:
                       f"({len(self)} examples)")
     try:
       image, mask = self.reader(i)
-    except DataError:
+    except (DataError, ConfigError):
       raise
     except Exception as e:  # a reader bug or an odd file: name the example
       raise DataError(f"cannot read example {i} ({self.ids[i]}) of {self.name}: "
@@ -449,7 +450,7 @@ def _folder_source(data, split: str, key: str) -> Source:
   return Source(
       name=f"folder:{root}[{split}]", class_names=class_names,
       labels=np.asarray(labels, np.int32), ids=_str_array(ids), groups=None,
-      has_masks=has_masks, spatial_ndim=2, reader=reader)
+      has_masks=has_masks, spatial_ndim=2, reader=reader, from_files=True)
 
 
 def _folder_classes(root: str, splits: list[str]) -> tuple[str, ...]:
@@ -567,7 +568,7 @@ def _nifti_source(data, split: str, key: str) -> Source:
   return Source(
       name=f"nifti:{root}[{split}]", class_names=class_names,
       labels=np.asarray(labels, np.int32), ids=_str_array(ids), groups=None,
-      has_masks=has_masks, spatial_ndim=3, reader=reader)
+      has_masks=has_masks, spatial_ndim=3, reader=reader, from_files=True)
 
 
 # ----------------------------------------------------------------------------------
@@ -626,7 +627,7 @@ def _csv_source(data, split: str, key: str) -> Source:
   return Source(
       name=f"csv:{path}", class_names=class_names, labels=np.asarray(labels, np.int32),
       ids=_str_array(ids), groups=groups, has_masks=mask_paths is not None,
-      spatial_ndim=2, reader=reader)
+      spatial_ndim=2, reader=reader, from_files=True)
 
 
 def _read_csv(path: str, key: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -977,4 +978,4 @@ def unlabeled_source(path: str, ndim: int = 0) -> Source:
   return Source(
       name=f"input:{path}", class_names=("unlabeled",), labels=np.zeros(len(ids), np.int32),
       ids=_str_array(ids), groups=None, has_masks=False, spatial_ndim=spatial_ndim,
-      reader=reader)
+      reader=reader, from_files=os.path.isdir(path))
