@@ -201,18 +201,33 @@ def _pixel_metrics(curves: dict, stats: dict, config, healthy_source: str,
     thresholds = {}
     try:
       t, _ = calib.best_f1_threshold()
-      thresholds["calibrated"] = {**report.overlap_at(t), "chosen_on": calibration}
+      thresholds["calibrated"] = {**overlap_at(report, t), "chosen_on": calibration}
     except DataError as e:  # e.g. no lesion pixel in the calibration images
       thresholds["calibrated"] = {"error": f"{e} (calibration images: {calibration})"}
     t, _ = whole.best_f1_threshold()
     thresholds["pr_operating_point"] = {
-        **whole.overlap_at(t), "chosen_on": "the evaluated split itself (best F1 on its PR curve)"}
+        **overlap_at(whole, t),
+        "chosen_on": "the evaluated split itself (best F1 on its PR curve)"}
     if name in stats:
       t = stats[name]["mean"] + config.eval.n_sigma * stats[name]["std"]
-      thresholds["n_sigma"] = {**whole.overlap_at(t), "n_sigma": config.eval.n_sigma,
+      thresholds["n_sigma"] = {**overlap_at(whole, t), "n_sigma": config.eval.n_sigma,
                                "chosen_on": f"healthy {healthy_source} images only"}
     m["thresholds"] = thresholds
     out[name] = m
+  return out
+
+
+def overlap_at(curve: metrics.PixelCurve, threshold: float) -> dict:
+  """Dice and IoU at `threshold`; an infinite one gets a `threshold_note`, because
+  metrics.json writes it as null (JSON has no infinity)."""
+  out = curve.overlap_at(threshold)
+  if threshold == -np.inf:
+    out["threshold_note"] = ("-inf, written as null (JSON has no infinity): every pixel "
+                             "counts as anomalous, the best F1 when the map does not rank "
+                             "lesion pixels above the others")
+  elif threshold == np.inf:
+    out["threshold_note"] = ("inf, written as null (JSON has no infinity): no pixel "
+                             "counts as anomalous")
   return out
 
 
@@ -276,7 +291,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   config = load_config(workdir) if config is None else config
   e = config.eval
   mesh = parallel.make_mesh(devices)
-  parallel.local_batch_size(e.batch_size, mesh)
+  parallel.local_batch_size(e.batch_size, mesh, "eval.batch_size")
   if input_path:
     source = sources.unlabeled_source(input_path, int(config.data.ndim))
     pipeline.check_files(source, config.data)

@@ -2,10 +2,12 @@
 
 Each writer writes a temporary file in the destination folder and renames it over the
 target (`os.replace` is atomic on POSIX), so an interrupted run leaves the old file.
+JSON is strict: NaN and ±inf, which JSON cannot express, are written as null.
 """
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 
@@ -32,7 +34,24 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, obj) -> None:
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  """Writes `obj` as standard JSON, non-finite floats as null (see `finite_or_none`)."""
+  text = json.dumps(finite_or_none(obj), indent=2, sort_keys=True, allow_nan=False)
+  write_text(path, text + "\n")
+
+
+def finite_or_none(obj):
+  """`obj` with every NaN or ±inf float replaced by None, in nested dicts and lists.
+
+  Python's json writes them as `NaN` / `-Infinity`, which are not JSON: strict readers
+  (jq, JavaScript, most other languages) reject the whole file.
+  """
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_or_none(v) for v in obj]
+  return obj
 
 
 def read_json(path: str):

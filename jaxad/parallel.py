@@ -194,13 +194,14 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def local_batch_size(global_batch: int, mesh: Mesh) -> int:
-  """This process's share of the global batch; checks divisibility first."""
+def local_batch_size(global_batch: int, mesh: Mesh, key: str = "train.batch_size") -> int:
+  """This process's share of the global batch; checks divisibility first (the error
+  names `key`, the config entry the batch size came from)."""
   num_devices = mesh.devices.size
   if global_batch % num_devices:
     raise ConfigError(
-        f"train.batch_size={global_batch} is not divisible by the {num_devices} devices "
-        f"in use: set --config.train.batch_size to a multiple of {num_devices}.")
+        f"{key}={global_batch} is not divisible by the {num_devices} devices "
+        f"in use: set --config.{key} to a multiple of {num_devices}.")
   return global_batch // jax.process_count()
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad import evaluation, grid_eval, grid_train, metrics, trainer
+from jaxad import evaluation, files, grid_eval, grid_train, metrics, trainer
 from jaxad.data import lesions, pipeline
-from jaxad.errors import CheckpointError
+from jaxad.errors import CheckpointError, ConfigError
 from jaxad.scores import pixel, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,6 +216,33 @@ def test_patients_stay_on_one_side_of_validation_and_calibration(trained, tmp_pa
   val = pipeline.load_split(config.data, "val").source
   assert len(train) + len(val) == sum(SIZES) and not set(train.groups) & set(val.groups)
   assert _one_side(groups, real(len(groups), groups, 0.2, config.seed)[0].nonzero()[0])
+
+
+def test_minus_infinity_threshold_is_written_as_null_with_a_note(tmp_path):
+  # A map that ranks no lesion pixel above a normal one: every pixel sits in the bottom
+  # bin, so the best F1 flags everything, at the bottom bin's edge, −inf.
+  curve = metrics.PixelCurve(10, (0.0, 1.0))
+  masks = np.zeros((2, 4, 4), bool)
+  masks[0, :2] = True  # 8 lesion pixels of 32
+  curve.update(np.zeros((2, 4, 4), np.float32), masks)
+  t, _ = curve.best_f1_threshold()
+  assert t == -np.inf
+  entry = evaluation.overlap_at(curve, t)
+  assert entry["dice"] == pytest.approx(2 * 8 / (2 * 8 + 24))  # TP 8, FP 24, FN 0
+  path = str(tmp_path / "metrics.json")
+  files.write_json(path, {"pr_operating_point": entry})
+  text = open(path).read()
+  assert "Infinity" not in text
+  saved = json.loads(text)["pr_operating_point"]
+  assert saved["threshold"] is None and saved["threshold_note"].startswith("-inf, written as null")
+  assert "threshold_note" not in evaluation.overlap_at(curve, 0.5)
+
+
+def test_eval_batch_size_error_names_the_eval_key(make_config, tmp_path):
+  config = make_config(**{"eval.batch_size": 12})  # 8 simulated devices
+  with pytest.raises(ConfigError, match=r"^eval\.batch_size=12 is not divisible by the 8 "
+                     r"devices.*--config\.eval\.batch_size to a multiple of 8"):
+    evaluation.evaluate(str(tmp_path), config=config)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
