@@ -79,7 +79,8 @@ def make_score_fn(family, with_maps: bool):
 
 @functools.lru_cache(maxsize=8)
 def make_reconstruct_fn(family):
-  """What the report's grid shows beside each image (None if the family has nothing)."""
+  """What the report's grid shows beside each image (None if the family has nothing),
+  from the batch and the key its scores came from."""
   return jax.jit(family.reconstruct)
 
 
@@ -343,8 +344,8 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
       lesioned_batches(data_split, config, spec)
   for b, batch in enumerate(batches):
     images, is_anomalous, mask = batch["image"], batch["anomalous"], batch.get("mask")
-    out, maps = score_fn(variables, parallel.put_batch(images, mesh),
-                         jax.random.fold_in(key, b))
+    placed, batch_key = parallel.put_batch(images, mesh), jax.random.fold_in(key, b)
+    out, maps = score_fn(variables, placed, batch_key)
     # From here on every process holds the whole global batch (images only while the
     # report still wants examples: they are the largest thing to gather).
     want_images = any(len(v) < e.num_examples // 2 for v in examples.values())
@@ -379,6 +380,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
       if "mask" in map_file.arrays:
         saved["mask"] = mask[valid][..., 0]
       map_file.write(rows, saved)
+    picked = []
     for j in np.flatnonzero(valid) if want_images else ():
       kind = "anomalous" if is_anomalous[j] else "normal"
       if len(examples[kind]) < e.num_examples // 2:
@@ -386,6 +388,9 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
                                "image": images[j],
                                "mask": None if mask is None else mask[j, ..., 0],
                                "maps": {k: v[j] for k, v in maps.items()}})
+        picked.append((examples[kind][-1], j))
+    if picked and not input_path:
+      _add_reconstructions(picked, family, variables, placed, batch_key)
     bar.update(len(rows))
   bar.close()
 
@@ -423,7 +428,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
         result["pixel"][k]["bootstrap"] = {"error": str(err)}
   if stats:
     result["healthy_map_stats"] = stats
-  grid = None if input_path else _example_grid(examples, variables, family)
+  grid = None if input_path else _example_grid(examples)
   if parallel.is_main_process():
     path = os.path.join(workdir, "eval", "metrics.json")
     everything = files.read_json(path) if os.path.exists(path) else {}
@@ -434,17 +439,26 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   return result
 
 
-def _example_grid(examples, variables, family) -> dict | None:
-  """The report's example images, reconstructions, maps and masks (on every process:
-  the reconstruction is a computation over the global mesh)."""
+def _add_reconstructions(picked, family, variables, images, rng) -> None:
+  """Stores each picked example's reconstruction, from its whole batch and the key the
+  batch was scored with (the GAN's latent search then ends where the scored one did).
+  Runs on every process: it is a computation over the global mesh."""
+  recon = make_reconstruct_fn(family)(variables, images, rng)
+  if recon is None:
+    return
+  recon = parallel.allgather(recon)
+  for example, j in picked:
+    example["reconstruction"] = recon[j]
+
+
+def _example_grid(examples) -> dict | None:
+  """The report's example images, reconstructions, maps and masks."""
   chosen = examples["normal"] + examples["anomalous"]
   if not chosen:
     return None
-  images = np.stack([x["image"] for x in chosen])
-  grid = {"ids": [x["id"] for x in chosen], "images": images}
-  recon = make_reconstruct_fn(family)(variables, images)
-  if recon is not None:
-    grid["reconstructions"] = parallel.allgather(recon)
+  grid = {"ids": [x["id"] for x in chosen], "images": np.stack([x["image"] for x in chosen])}
+  if "reconstruction" in chosen[0]:
+    grid["reconstructions"] = np.stack([x["reconstruction"] for x in chosen])
   if chosen[0]["maps"]:
     grid["maps"] = {k: np.stack([x["maps"][k] for x in chosen]) for k in chosen[0]["maps"]}
   if chosen[0]["mask"] is not None:

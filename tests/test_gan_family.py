@@ -113,6 +113,29 @@ def test_gan_scores_match_the_latent_search_run_alone(evaluated_gan):
   assert maps["gan_residual"].shape == (3, 8, 8)
 
 
+def test_report_reconstructions_are_the_scored_search_results(evaluated_gan, monkeypatch):
+  """The report's G(z) comes from the search the scores came from (same batch, same key):
+  |x − G(z)| channel-averaged is then exactly the example's gan_residual map."""
+  workdir, config, _ = evaluated_gan
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  family, variables, _ = evaluation.restore_variables(config, workdir, 2, mesh)
+  x = np.random.default_rng(1).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+  key = jax.random.key(3)
+  _, maps = jax.jit(lambda v, x: family.score(v, x, key, with_maps=True))(variables, x)
+  recon = jax.jit(family.reconstruct)(variables, x, key)
+  residual = np.abs(x - np.asarray(recon)).mean(-1)
+  np.testing.assert_allclose(residual, maps["gan_residual"], rtol=1e-5, atol=1e-5)
+  other = np.asarray(jax.jit(family.reconstruct)(variables, x, jax.random.key(4)))
+  assert np.abs(other - np.asarray(recon)).max() > 1e-3  # the key matters
+  grids = []
+  monkeypatch.setattr(evaluation, "_write_report", lambda *args: grids.append(args[-1]))
+  evaluation.evaluate(workdir, config=config)
+  grid = grids[0]
+  assert len(grid["ids"]) == config.eval.num_examples
+  residual = np.abs(grid["images"] - grid["reconstructions"]).mean(-1)
+  np.testing.assert_allclose(residual, grid["maps"]["gan_residual"], rtol=1e-5, atol=1e-5)
+
+
 def test_gan_config_errors():
   with pytest.raises(ConfigError, match="discriminator_norm='batch' cannot be used"):
     trainer.build(gan_config(**{"model.name": "wgan_gp",

@@ -7,7 +7,8 @@ module with its objective and its scores:
   train_loss(params, state, x, rng)     → (loss, (metrics, collection updates))
   val_loss(variables, x, rng)           → (B,) per-image validation loss
   score(variables, x, rng, with_maps)   → ({sample score: (B,)}, {pixel map: (B, *spatial)})
-  reconstruct(variables, x)             → what the report shows beside each image, or None
+  reconstruct(variables, x, rng)        → what the report shows beside each image, or
+                                          None; rng is the key score() got for x
 
 and names its `val_metric`, `sample_scores` and `pixel_maps`. A family whose training
 step is not one gradient of one loss (the GAN's alternating updates) also defines

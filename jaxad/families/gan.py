@@ -195,9 +195,13 @@ class GAN:
     result, _ = self._search(variables, images, rng)
     return result.scores, (result.maps if with_maps else {})
 
-  def reconstruct(self, variables, images: jax.Array) -> Any:
-    """G(z) at the end of the latent search: the closest image the generator finds."""
-    result, generate = self._search(variables, images, jax.random.key(0))
+  def reconstruct(self, variables, images: jax.Array, rng: jax.Array) -> Any:
+    """G(z) at the end of the latent search: the closest image the generator finds.
+
+    `rng` is the key `score` got for the same batch, so the search starts from the
+    same z₁ and ends at the image that was scored (|x − G(z)| is its residual map).
+    """
+    result, generate = self._search(variables, images, rng)
     return generate(result.z)
 
 

@@ -114,8 +114,9 @@ class ScoreModel:
           levels=self.levels))
     return out, ({"sano": sano} if with_maps else {})
 
-  def reconstruct(self, variables, images: jax.Array):
+  def reconstruct(self, variables, images: jax.Array, rng: jax.Array):
     """No reconstruction: the report shows the image, its map and its mask."""
+    del variables, images, rng
     return None
 
 

@@ -53,8 +53,9 @@ class VAE:
         if with_maps else {}
     return out, maps
 
-  def reconstruct(self, variables, images: jax.Array) -> Any:
-    """The decoded posterior mean, E[x | z = mu(x)]."""
+  def reconstruct(self, variables, images: jax.Array, rng: jax.Array) -> Any:
+    """The decoded posterior mean, E[x | z = mu(x)] (deterministic: `rng` unused)."""
+    del rng
     mu, _ = sample.encode(self.module, variables, images)
     return self.likelihood.mean(sample.decode(self.module, variables, mu))
 
