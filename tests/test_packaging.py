@@ -42,14 +42,15 @@ def _imported_modules() -> set[str]:
   return {m for m in found if m not in sys.stdlib_module_names and m not in local}
 
 
-def _distribution(module: str) -> str:
-  dists = importlib.metadata.packages_distributions().get(module, [module])
+def _distribution(module: str, installed: dict) -> str:
+  dists = installed.get(module, [module])
   return "tensorflow" if dists[0].startswith("tensorflow_") else _norm(dists[0])
 
 
 def test_every_import_is_declared_and_every_declaration_imported():
   declared = _declared()
-  used = {_distribution(m) for m in _imported_modules()}
+  installed = importlib.metadata.packages_distributions()
+  used = {_distribution(m, installed) for m in _imported_modules()}
   used.discard("jaxlib")  # comes with jax, never pinned alone
   assert used - declared == set(), "imported but not declared in pyproject.toml"
   unused = declared - used - NOT_IMPORTED - {"tensorflow-cpu"}
