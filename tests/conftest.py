@@ -54,14 +54,16 @@ def make_config():
   return tiny_config
 
 
-def numpy_variables(model, image_shape, seed=0):
+def numpy_variables(model, image_shape, seed=0, extra_inputs=()):
   """init's variable structure filled from NumPy (fan-in scaled weights, BN identity).
 
   Avoids compiling the PRNG initialisers, which costs seconds per shape on this CPU.
+  extra_inputs: shapes of init's further array arguments (a U-Net's time label: (1,)).
   """
   rng = np.random.default_rng(seed)
   abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+                            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+                            *(jax.ShapeDtypeStruct(s, jnp.float32) for s in extra_inputs))
 
   def fill(path, leaf):
     name = jax.tree_util.keystr(path)

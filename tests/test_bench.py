@@ -11,6 +11,7 @@ import pytest
 
 from jaxad import bench
 from jaxad.models import unet
+from conftest import numpy_variables
 
 # One timed call per case, a tiny peak matmul: only the plumbing is under test.
 TINY = bench.Timing(rounds=1, warmup=0, min_repeats=1, max_repeats=1, budget_s=0.0,
@@ -102,8 +103,8 @@ def test_train_step_carries_its_state():
 def _tiny_score_setup():
   model = unet.UNet(out_channels=3, base_width=8, channel_mult=(1, 2), num_res_blocks=1,
                     attention_resolutions=(4,), dropout=0.0, groups=4)
-  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1.0, maxval=1.0)
-  variables = model.init(jax.random.key(1), x[:1], jnp.zeros((1,)), train=False)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+  variables = numpy_variables(model, (8, 8, 3), extra_inputs=[(1,)])
   return bench.Setup(model, variables, x, None)
 
 
@@ -111,7 +112,8 @@ def test_score_map_is_the_mean_abs_score_at_small_t():
   setup = _tiny_score_setup()
   got = bench.make_runner("score_map", setup)()
   label = jnp.full((4,), 999 * 1e-3)
-  eps = np.asarray(setup.model.apply(setup.variables, setup.x, label, train=False), np.float64)
+  apply = jax.jit(setup.model.apply, static_argnames="train")
+  eps = np.asarray(apply(setup.variables, setup.x, label, train=False), np.float64)
   # σ(t)² = 1 − exp(−(t²(β1 − β0)/2 + t·β0)) of the continuous VP-SDE, in float64.
   t = 1e-3
   sigma = np.sqrt(-np.expm1(-(0.5 * t * t * (20.0 - 0.1) + t * 0.1)))

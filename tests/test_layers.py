@@ -1,4 +1,5 @@
-"""Tests for jaxad.models.layers: ConvTranspose equals nn.ConvTranspose (values, grads).
+"""Tests for jaxad.models.layers: ConvTranspose and Conv equal nn.ConvTranspose and nn.Conv
+(values and gradients).
 
 Both modules run with the same NumPy-filled parameters; a random linear functional of
 the output gives gradients w.r.t. the input, kernel and bias to compare.
@@ -15,21 +16,26 @@ from jaxad.models import layers
 # (kernel, stride, padding) of the conv VAE decoder's two layer kinds.
 UP = (4, 2, "SAME")
 FROM_POINT = (4, 1, "VALID")
+# (kernel, stride, padding) of the encoder's heads on its 4^n map, and its stride-2 blocks.
+HEAD = (4, 1, "VALID")
+DOWN = (4, 2, ((1, 1),) * 3)
+PAIRS = {"transpose": (nn.ConvTranspose, layers.ConvTranspose), "conv": (nn.Conv, layers.Conv)}
 
 
-def both(features, ndim, conf, use_bias):
+def both(features, ndim, conf, use_bias, kind="transpose"):
   k, s, pad = conf
+  pad = pad[:ndim] if isinstance(pad, tuple) else pad
   kwargs = dict(features=features, kernel_size=(k,) * ndim, strides=(s,) * ndim,
                 padding=pad, use_bias=use_bias)
-  return nn.ConvTranspose(**kwargs), layers.ConvTranspose(**kwargs)
+  return tuple(cls(**kwargs) for cls in PAIRS[kind])
 
 
 def random_like(tree, rng):
   return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), tree)
 
 
-def assert_same_function(features, ndim, conf, use_bias, x_shape, seed=0):
-  ref, new = both(features, ndim, conf, use_bias)
+def assert_same_function(features, ndim, conf, use_bias, x_shape, seed=0, kind="transpose"):
+  ref, new = both(features, ndim, conf, use_bias, kind)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
   shapes = jax.eval_shape(ref.init, jax.random.key(0), x)
@@ -76,6 +82,32 @@ def test_extra_batch_dims_and_fallback_match_flax():
   assert_same_function(3, 2, FROM_POINT, True, (2, 2, 2, 2))  # VALID but not 1×1
 
 
+@pytest.mark.parametrize("ndim, c_in, c_out, use_bias", [(2, 5, 3, False), (2, 4, 1, True),
+                                                     (3, 3, 6, True)])
+def test_conv_covering_its_input_matches_flax(ndim, c_in, c_out, use_bias):
+  assert_same_function(c_out, ndim, HEAD, use_bias, (3, *(4,) * ndim, c_in), kind="conv")
+  # The DCGAN's logit head covers a 7^n map.
+  assert_same_function(c_out, ndim, (7, 1, "VALID"), use_bias, (2, *(7,) * ndim, c_in),
+                       kind="conv")
+
+
+def test_conv_fallbacks_match_flax():
+  assert_same_function(5, 2, DOWN, False, (2, 8, 8, 3), kind="conv")
+  assert_same_function(4, 3, DOWN, True, (2, 4, 4, 4, 2), kind="conv")
+  assert_same_function(3, 2, (3, 1, "SAME"), True, (2, 5, 5, 2), kind="conv")
+  assert_same_function(3, 2, HEAD, True, (2, 6, 6, 2), kind="conv")  # VALID, not covering
+  assert_same_function(3, 2, HEAD, True, (2, 3, 4, 4, 2), kind="conv")  # extra batch dims
+
+
+@pytest.mark.parametrize("kind, conf, x_side", [("conv", HEAD, 4), ("conv", DOWN, 8)])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_conv_parameter_shapes_match_flax(kind, conf, x_side, ndim):
+  ref, new = both(6, ndim, conf, True, kind)
+  x = jax.ShapeDtypeStruct((2, *(x_side,) * ndim, 5), jnp.float32)
+  shapes = lambda m: jax.tree.map(jnp.shape, jax.eval_shape(m.init, jax.random.key(0), x))
+  assert shapes(new) == shapes(ref)
+
+
 @pytest.mark.parametrize("ndim, conf, x_side", [(2, UP, 4), (3, UP, 2), (2, FROM_POINT, 1),
                                                 (3, FROM_POINT, 1)])
 @pytest.mark.parametrize("use_bias", [True, False])
@@ -86,9 +118,10 @@ def test_parameter_shapes_match_flax(ndim, conf, x_side, use_bias):
   assert shapes(new) == shapes(ref)
 
 
-def test_initialisers_match_flax():
+@pytest.mark.parametrize("kind, conf", [("transpose", UP), ("conv", DOWN)])
+def test_initialisers_match_flax(kind, conf):
   """Same default initialisers, and each parameter gets the same rng as in flax."""
-  ref, new = both(4, 2, UP, True)
+  ref, new = both(4, 2, conf, True, kind)
   assert new.kernel_init is ref.kernel_init and new.bias_init is ref.bias_init
   # An initialiser that writes its key's bits: equal values mean equal per-parameter rngs.
   key_bits = lambda key, shape, dtype: jnp.broadcast_to(

@@ -180,7 +180,7 @@ class Discriminator(nn.Module):
                          feature_axes=-1, name=f"ln_{i}")(x)
       x = act(x)
     features = x.reshape(x.shape[0], -1)
-    logit = nn.Conv(1, base, padding="VALID", name="head")(x)
+    logit = layers.Conv(1, base, padding="VALID", name="head")(x)  # a matmul
     return logit.reshape(x.shape[0]), features
 
 

@@ -4,6 +4,11 @@
 for the two shapes the conv VAE decoder uses, computed without `lhs_dilation`: on
 XLA:CPU the gradient of a dilated-input convolution is many times slower than the
 convolution itself, which made the decoder's backward pass dominate training.
+
+`Conv` is `nn.Conv` (same parameters, same function) that runs a 'VALID' convolution
+whose kernel covers its whole input (the VAE's mean and log-variance heads, the DCGAN
+discriminator's logit) as the matmul it is: as a convolution, its input gradient is a
+fully padded convolution with a flipped, transposed copy of the kernel.
 """
 
 from collections.abc import Sequence
@@ -159,3 +164,62 @@ class ConvTranspose(nn.Module):
     if bias is not None:
       y = y + bias
     return y.reshape((*batch_shape, *y.shape[1:]))
+
+
+def conv_covering_input(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+  """lax.conv(x, kernel, 'VALID') when the kernel's spatial shape is x's: one matmul.
+
+  x: (B, *S, C_in); kernel: (*S, C_in, C_out). Returns (B, 1, ..., 1, C_out). Both
+  reshapes are free (row-major), so neither the forward nor either gradient moves the
+  kernel in memory.
+  """
+  ndim = x.ndim - 2
+  y = jnp.dot(x.reshape(x.shape[0], -1), kernel.reshape(-1, kernel.shape[-1]),
+              precision=precision)
+  return y.reshape((x.shape[0],) + (1,) * ndim + (kernel.shape[-1],))
+
+
+class Conv(nn.Module):
+  """Drop-in `nn.Conv` (same parameters, same output), channels-last, no groups/dilation.
+
+  A 'VALID' convolution whose kernel covers the whole input runs as a matmul
+  (`conv_covering_input`); everything else is `lax.conv_general_dilated`.
+  """
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: int | Sequence[int] = 1
+  padding: str | Sequence[tuple[int, int]] = "SAME"
+  use_bias: bool = True
+  dtype: jnp.dtype | None = None
+  param_dtype: jnp.dtype = jnp.float32
+  precision: lax.PrecisionLike = None
+  kernel_init: initializers.Initializer = nn.linear.default_kernel_init
+  bias_init: initializers.Initializer = initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    ks = tuple(self.kernel_size)
+    ndim = len(ks)
+    strides = ((self.strides,) * ndim if isinstance(self.strides, int)
+               else tuple(self.strides))
+    batch_shape = inputs.shape[:inputs.ndim - ndim - 1]
+    inputs = inputs.reshape((-1, *inputs.shape[len(batch_shape):]))
+    kernel = self.param("kernel", self.kernel_init, ks + (inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    if self.padding == "VALID" and tuple(inputs.shape[1:-1]) == ks:
+      y = conv_covering_input(inputs, kernel, self.precision)
+    else:
+      padding = canonicalize_padding(self.padding, ndim)
+      if padding == "CIRCULAR":
+        raise ValueError("layers.Conv does not support padding='CIRCULAR'")
+      y = lax.conv_general_dilated(inputs, kernel, strides, padding,
+                                   dimension_numbers=_dimension_numbers(ndim),
+                                   precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y.reshape((*batch_shape, *y.shape[1:]))
+

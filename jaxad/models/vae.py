@@ -122,8 +122,10 @@ class ConvEncoder(nn.Module):
       if use_bn:
         x = _batch_norm(train, f"bn_{i}")(x)
       x = act(x)
-    mu = nn.Conv(self.latent_dim, (4,) * ndim, padding="VALID", name="mu")(x)
-    logvar = nn.Conv(self.latent_dim, (4,) * ndim, padding="VALID", name="logvar")(x)
+    # layers.Conv: nn.Conv's function and parameters; a 4^n kernel on the 4^n map is a
+    # matmul.
+    mu = layers.Conv(self.latent_dim, (4,) * ndim, padding="VALID", name="mu")(x)
+    logvar = layers.Conv(self.latent_dim, (4,) * ndim, padding="VALID", name="logvar")(x)
     batch = x.shape[0]
     return mu.reshape(batch, self.latent_dim), logvar.reshape(batch, self.latent_dim)
 
