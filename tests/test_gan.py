@@ -228,11 +228,18 @@ def small_gan():
   return search_lib.eval_functions(generator, g_vars, discriminator, d_vars)
 
 
+_SEARCHES = {}
+
+
 def run_search(fns, x, z0, **kwargs):
+  """The jitted search, compiled once per (G, f, settings) and shape: its steps are
+  unrolled, so each compilation costs seconds."""
   generate, features = fns
-  search = jax.jit(functools.partial(search_lib.latent_search, generate, features,
-                                     **kwargs))
-  return search(x, z0)
+  key = (generate, features, tuple(sorted(kwargs.items())))
+  if key not in _SEARCHES:
+    _SEARCHES[key] = jax.jit(functools.partial(search_lib.latent_search, generate,
+                                               features, **kwargs))
+  return _SEARCHES[key](x, z0)
 
 
 def test_latent_search_recovers_generated_images_but_not_noise(small_gan):
