@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxad import families, files
+from jaxad import compile_options, families, files
 from jaxad.families import score as score_family
 from jaxad.families import vae as vae_family
 from jaxad.models import unet as unet_models
@@ -132,12 +132,9 @@ DESCRIPTIONS = {
                          "for every image of the batch at once (MNIST DCGAN 28x28, latent "
                          "100); gan, gan_residual, gan_feature and the residual map",
 }
-# XLA's cost analysis counts a while loop's body once: the latent search's lax.scan
-# runs GAN_STEPS times (checked: the count is the same for 1, 2 and 100 steps).
-LOOP_TRIPS = {"gan/latent_search": GAN_STEPS}
 FLOPS_NOTE = ("XLA cost analysis of the compiled function: every op, elementwise included, "
               "conv taps on padding excluded; the reference counts 2*MAC of every conv/mm "
-              "tap only; gan/latent_search: the count times its GAN_STEPS loop trips")
+              "tap only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +292,7 @@ def _train_runner(s: Setup, key: jax.Array) -> Runner:
         tx, params, model_state, opt_state, x, jax.random.fold_in(key, count))
     return (params, model_state, opt_state, count + 1), metrics["loss"]  # jit drops the rest
 
-  return Runner(jax.jit(step, donate_argnums=0), (state, s.x, key), carry=True)
+  return Runner(compile_options.jit(step, donate_argnums=0), (state, s.x, key), carry=True)
 
 
 def _score_map(model, variables, x):
@@ -326,14 +323,16 @@ EVAL_CASES = {"score_elbo": _score_elbo, f"score_iwae_L{IWAE_L}": _score_iwae,
 def make_runner(case: str, s: Setup, seed: int = 0) -> Runner:
   """The runner of `case` (a name in CASES) for the model and batch of `s`."""
   key = jax.random.key(seed + 1)
+  # Every case compiles as jaxad's binaries do (jaxad.compile_options).
   if case == "latent_search":
-    fn = jax.jit(lambda v, x, k: s.model.score(v, x, k, with_maps=True))
+    fn = compile_options.jit(lambda v, x, k: s.model.score(v, x, k, with_maps=True))
     return Runner(fn, (s.variables, s.x, key))
   if case == "train_step":
     return _train_runner(s, key)
   if case == "score_map":
-    return Runner(jax.jit(functools.partial(_score_map, s.model)), (s.variables, s.x))
-  fn = jax.jit(functools.partial(EVAL_CASES[case], s.model, s.likelihood))
+    return Runner(compile_options.jit(functools.partial(_score_map, s.model)),
+                  (s.variables, s.x))
+  fn = compile_options.jit(functools.partial(EVAL_CASES[case], s.model, s.likelihood))
   return Runner(fn, (s.variables, s.x, key))
 
 
@@ -434,7 +433,7 @@ def prepare(case_id: str, setup: Setup, timing: Timing, seed: int = 0) -> Prepar
   t0 = time.perf_counter()
   runner()
   compile_s = time.perf_counter() - t0
-  flops = xla_flops(runner.compiled()) * LOOP_TRIPS.get(case_id, 1)
+  flops = xla_flops(runner.compiled())
   return Prepared(runner, CaseTimer(runner, timing), compile_s, flops)
 
 
@@ -494,6 +493,8 @@ def _meta(timing: Timing, batch: int) -> dict:
       device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
       cpu=_cpu_name(), cores=os.cpu_count(), batch=batch, iwae_L=IWAE_L, lr=LR,
       timing=dataclasses.asdict(timing), flops_note=FLOPS_NOTE,
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
+      compile_options=compile_options.options(),
       date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxad import checkpoint, defaults, files, metrics, parallel, trainer
+from jaxad import checkpoint, compile_options, defaults, files, metrics, parallel, trainer
 from jaxad.data import lesions as lesions_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import CheckpointError, DataError
@@ -74,14 +74,14 @@ def make_score_fn(family, with_maps: bool):
 
   Cached, so evaluating several splits (or workdirs of one architecture) compiles once.
   """
-  return jax.jit(functools.partial(family.score, with_maps=with_maps))
+  return compile_options.jit(functools.partial(family.score, with_maps=with_maps))
 
 
 @functools.lru_cache(maxsize=8)
 def make_reconstruct_fn(family):
   """What the report's grid shows beside each image (None if the family has nothing),
   from the batch and the key its scores came from."""
-  return jax.jit(family.reconstruct)
+  return compile_options.jit(family.reconstruct)
 
 
 class _MapFile:

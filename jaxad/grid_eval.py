@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxad import metrics, trainer
+from jaxad import compile_options, metrics, trainer
 from jaxad.evaluation import EVAL, HEALTHY, pixel_range  # the eval binary's rules
 from jaxad.data import lesions as lesions_lib
 from jaxad.errors import DataError
@@ -51,7 +51,8 @@ def make_score_fn(model, kind: str, num_samples: int, smooth_sigma: float, maps:
     return jax.vmap(member, in_axes=(0, 0, 0, 0, 0, None))(
         state.params, state.model_state, betas, seeds, layout.gather(all_images, idx), b)
 
-  return jax.jit(layout.per_member(score, (True, False, True, True, True, False)))
+  return compile_options.jit(
+      layout.per_member(score, (True, False, True, True, True, False)))
 
 
 def lesioned(images: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:

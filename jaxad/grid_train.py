@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxad import checkpoint, families, parallel, trainer
+from jaxad import checkpoint, compile_options, families, parallel, trainer
 from jaxad import config as config_lib
 from jaxad.data import pipeline
 from jaxad.errors import ConfigError, DataError
@@ -261,8 +261,8 @@ def make_train_step(model, kind: str, tx, layout: Layout):
 
   m, r = layout.members, layout.replicated
   step = layout.per_member(step, (True, False, True, True, True, True))
-  return jax.jit(step, in_shardings=(m, r, layout.batch, m, m, m), out_shardings=(m, m),
-                 donate_argnums=0)
+  return compile_options.jit(step, in_shardings=(m, r, layout.batch, m, m, m),
+                             out_shardings=(m, m), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -279,7 +279,8 @@ def make_val_step(model, kind: str, layout: Layout):
     return jax.vmap(member, in_axes=(0, 0, 0, 0, 0, 0, None))(
         state.params, state.model_state, layout.gather(images, idx), valid, betas, seeds, b)
 
-  return jax.jit(layout.per_member(step, (True, False, True, True, True, True, False)))
+  return compile_options.jit(
+      layout.per_member(step, (True, False, True, True, True, True, False)))
 
 
 # ---------------------------------------------------------------- the group's loop

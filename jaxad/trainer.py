@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 
-from jaxad import checkpoint, families, files, parallel
+from jaxad import checkpoint, compile_options, families, files, parallel
 from jaxad import config as config_lib
 from jaxad.data import pipeline
 from jaxad.errors import ConfigError
@@ -121,8 +121,8 @@ def make_train_step(family, tx, seed, mesh, ema_rate: float = 0.0):
     return state, metrics
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  return compile_options.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
+                             out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def make_val_step(family, seed, mesh):
@@ -134,7 +134,7 @@ def make_val_step(family, seed, mesh):
     variables = {"params": eval_params(state), **state.model_state}
     return jnp.sum(family.val_loss(variables, images, rng) * valid), jnp.sum(valid)
 
-  return jax.jit(step)
+  return compile_options.jit(step)
 
 
 def validation_loss(val_step, state, split, config, mesh) -> float:

@@ -1,5 +1,6 @@
 """Tests for jaxad.bench: case ids, selection, records and JSON (no speed assertions)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -130,13 +131,19 @@ def test_score_train_step_lowers_the_dsm_loss_and_carries_its_state():
 
 def test_latent_search_case_is_the_gan_familys_score():
   setup = bench.make_setup("gan", batch=2)
-  prepared = bench.prepare("gan/latent_search", setup, TINY)
-  # XLA counts the scan body once; the case counts every one of its 100 trips.
-  assert prepared.flops_per_call == 100 * bench.xla_flops(prepared.runner.compiled()) > 0
-  scores, maps = bench.make_runner("latent_search", setup)()
+  assert setup.model.latent_steps == bench.GAN_STEPS == 100
+  # 4 steps here (the unrolled search compiles in time linear in its steps): the FLOPs
+  # of 4 steps lie between those of 2 and 8, each step counted.
+  flops = {}
+  for steps in (2, 4, 8):
+    short = bench.Setup(dataclasses.replace(setup.model, latent_steps=steps),
+                        setup.variables, setup.x, None)
+    flops[steps] = bench.prepare("gan/latent_search", short, TINY).flops_per_call
+  assert 0 < flops[2] < flops[4] < flops[8]
+  assert flops[8] - flops[4] == pytest.approx(2 * (flops[4] - flops[2]), rel=0.05)
+  scores, maps = bench.make_runner("latent_search", short)()
   assert set(scores) == {"gan", "gan_residual", "gan_feature"}
   assert maps["gan_residual"].shape == (2, 28, 28)
-  assert setup.model.latent_steps == bench.GAN_STEPS == 100
   np.testing.assert_allclose(scores["gan"], 0.5 * scores["gan_residual"]
                              + 0.5 * scores["gan_feature"], rtol=1e-5)
 
