@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/digits_vae
 PYTEST_ARGS ?=
+# Test files run in parallel, one worker per core of the 2-core CI machine.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
@@ -20,7 +22,7 @@ demo: install
 	$(PY) -m jaxad.evaluate --workdir=$(WORKDIR)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m jaxad.bench --quick

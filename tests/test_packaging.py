@@ -8,8 +8,9 @@ import sys
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Declared but never imported, on purpose: the TensorBoard viewer for events/.
-NOT_IMPORTED = {"tensorboard"}
+# Declared but never imported, on purpose: the TensorBoard viewer for events/, and the
+# pytest plugin that runs `make test` on every core.
+NOT_IMPORTED = {"tensorboard", "pytest-xdist"}
 
 
 def _norm(name: str) -> str:
