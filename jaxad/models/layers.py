@@ -114,13 +114,8 @@ def conv_transpose_from_point(x: jax.Array, kernel: jax.Array, precision=None) -
   return y.reshape((x.shape[0], *kernel.shape[:ndim], kernel.shape[-1]))
 
 
-class ConvTranspose(nn.Module):
-  """Drop-in `nn.ConvTranspose` (same parameters, same output) with fast special cases.
-
-  Kernel 4 / stride 2 / 'SAME' runs as stride-1 convs producing the 2^n output phases,
-  then a depth-to-space interleave; kernel k / stride 1 / 'VALID' on a 1^n input runs
-  as a matmul. Everything else falls back to `lax.conv_transpose`.
-  """
+class _ConvLike(nn.Module):
+  """The fields, parameters and batch handling flax's Conv and ConvTranspose share."""
 
   features: int
   kernel_size: int | Sequence[int]
@@ -133,8 +128,12 @@ class ConvTranspose(nn.Module):
   kernel_init: initializers.Initializer = nn.linear.default_kernel_init
   bias_init: initializers.Initializer = initializers.zeros_init()
 
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def _setup_call(self, inputs: jax.Array):
+    """(kernel size, strides, batch shape, inputs as (B, *S, C), kernel, bias).
+
+    Creates 'kernel' then 'bias' (flax's order, so each gets flax's rng) and flattens
+    any batch dims to one (as flax does); `_finish` restores them.
+    """
     ks = ((self.kernel_size,) if isinstance(self.kernel_size, int)
           else tuple(self.kernel_size))
     ndim = len(ks)
@@ -142,7 +141,6 @@ class ConvTranspose(nn.Module):
       strides = (self.strides or 1,) * ndim
     else:
       strides = tuple(self.strides)
-    # Flatten any batch dims to one (as nn.ConvTranspose does); restored at the end.
     batch_shape = inputs.shape[:inputs.ndim - ndim - 1]
     inputs = inputs.reshape((-1, *inputs.shape[len(batch_shape):]))
     kernel = self.param("kernel", self.kernel_init, ks + (inputs.shape[-1], self.features),
@@ -150,7 +148,27 @@ class ConvTranspose(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    return ks, strides, batch_shape, inputs, kernel, bias
 
+  @staticmethod
+  def _finish(y: jax.Array, bias, batch_shape) -> jax.Array:
+    if bias is not None:
+      y = y + bias
+    return y.reshape((*batch_shape, *y.shape[1:]))
+
+
+class ConvTranspose(_ConvLike):
+  """Drop-in `nn.ConvTranspose` (same parameters, same output) with fast special cases.
+
+  Kernel 4 / stride 2 / 'SAME' runs as stride-1 convs producing the 2^n output phases,
+  then a depth-to-space interleave; kernel k / stride 1 / 'VALID' on a 1^n input runs
+  as a matmul. Everything else falls back to `lax.conv_transpose`.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    ks, strides, batch_shape, inputs, kernel, bias = self._setup_call(inputs)
+    ndim = len(ks)
     spatial = inputs.shape[1:-1]
     if ks == (4,) * ndim and strides == (2,) * ndim and self.padding == "SAME":
       y = conv_transpose_s2_same(inputs, kernel, self.precision)
@@ -161,9 +179,7 @@ class ConvTranspose(nn.Module):
       if padding == "CIRCULAR":
         raise ValueError("layers.ConvTranspose does not support padding='CIRCULAR'")
       y = lax.conv_transpose(inputs, kernel, strides, padding, precision=self.precision)
-    if bias is not None:
-      y = y + bias
-    return y.reshape((*batch_shape, *y.shape[1:]))
+    return self._finish(y, bias, batch_shape)
 
 
 def conv_covering_input(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
@@ -179,37 +195,17 @@ def conv_covering_input(x: jax.Array, kernel: jax.Array, precision=None) -> jax.
   return y.reshape((x.shape[0],) + (1,) * ndim + (kernel.shape[-1],))
 
 
-class Conv(nn.Module):
+class Conv(_ConvLike):
   """Drop-in `nn.Conv` (same parameters, same output), channels-last, no groups/dilation.
 
   A 'VALID' convolution whose kernel covers the whole input runs as a matmul
   (`conv_covering_input`); everything else is `lax.conv_general_dilated`.
   """
 
-  features: int
-  kernel_size: Sequence[int]
-  strides: int | Sequence[int] = 1
-  padding: str | Sequence[tuple[int, int]] = "SAME"
-  use_bias: bool = True
-  dtype: jnp.dtype | None = None
-  param_dtype: jnp.dtype = jnp.float32
-  precision: lax.PrecisionLike = None
-  kernel_init: initializers.Initializer = nn.linear.default_kernel_init
-  bias_init: initializers.Initializer = initializers.zeros_init()
-
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    ks = tuple(self.kernel_size)
+    ks, strides, batch_shape, inputs, kernel, bias = self._setup_call(inputs)
     ndim = len(ks)
-    strides = ((self.strides,) * ndim if isinstance(self.strides, int)
-               else tuple(self.strides))
-    batch_shape = inputs.shape[:inputs.ndim - ndim - 1]
-    inputs = inputs.reshape((-1, *inputs.shape[len(batch_shape):]))
-    kernel = self.param("kernel", self.kernel_init, ks + (inputs.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     if self.padding == "VALID" and tuple(inputs.shape[1:-1]) == ks:
       y = conv_covering_input(inputs, kernel, self.precision)
     else:
@@ -219,7 +215,5 @@ class Conv(nn.Module):
       y = lax.conv_general_dilated(inputs, kernel, strides, padding,
                                    dimension_numbers=_dimension_numbers(ndim),
                                    precision=self.precision)
-    if bias is not None:
-      y = y + bias
-    return y.reshape((*batch_shape, *y.shape[1:]))
+    return self._finish(y, bias, batch_shape)
 
