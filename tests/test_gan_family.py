@@ -89,22 +89,24 @@ def test_gan_eval_has_every_score_logreg_and_residual_maps(evaluated_gan):
   assert any("density" in f and "gan" in f for f in figures), figures
 
 
-def test_gan_scores_match_the_latent_search_run_alone(evaluated_gan):
-  """The eval binary's `gan` score is latent_search's on the restored networks."""
+def _restored_and_scored(evaluated_gan, data_seed, key_seed):
+  """(family, variables, x, key, (scores, maps)): the trained GAN restored from its
+  workdir on one device and three random 8×8 images scored with `key`."""
   workdir, config, _ = evaluated_gan
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
   family, variables, _ = evaluation.restore_variables(config, workdir, 2, mesh)
-  x = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
-  key = jax.random.key(7)
-  scores, maps = jax.jit(lambda v, x: family.score(v, x, key, with_maps=True))(variables, x)
-  params = variables["params"]
-  stats = {k: v for k, v in variables.items() if k != "params"}
-  g_vars = {"params": params["generator"], **{c: v["generator"] for c, v in stats.items()
-                                              if "generator" in v}}
-  d_vars = {"params": params["discriminator"],
-            **{c: v["discriminator"] for c, v in stats.items() if "discriminator" in v}}
-  generate, features = latent_search.eval_functions(family.generator, g_vars,
-                                                    family.discriminator, d_vars)
+  x = np.random.default_rng(data_seed).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+  key = jax.random.key(key_seed)
+  out = jax.jit(lambda v, x: family.score(v, x, key, with_maps=True))(variables, x)
+  return family, variables, x, key, out
+
+
+def test_gan_scores_match_the_latent_search_run_alone(evaluated_gan):
+  """The eval binary's `gan` score is latent_search's on the restored networks."""
+  family, variables, x, key, (scores, maps) = _restored_and_scored(evaluated_gan, 0, 7)
+  generate, features = latent_search.eval_functions(
+      family.generator, gan_family._net(variables, "generator"),  # pylint: disable=protected-access
+      family.discriminator, gan_family._net(variables, "discriminator"))  # pylint: disable=protected-access
   alone = latent_search.latent_search(
       generate, features, x, latent_search.initial_latents(key, 3, 4), steps=5, lr=1e-2,
       momentum=0.9, lam=0.5)
@@ -117,11 +119,7 @@ def test_report_reconstructions_are_the_scored_search_results(evaluated_gan, mon
   """The report's G(z) comes from the search the scores came from (same batch, same key):
   |x − G(z)| channel-averaged is then exactly the example's gan_residual map."""
   workdir, config, _ = evaluated_gan
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  family, variables, _ = evaluation.restore_variables(config, workdir, 2, mesh)
-  x = np.random.default_rng(1).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
-  key = jax.random.key(3)
-  _, maps = jax.jit(lambda v, x: family.score(v, x, key, with_maps=True))(variables, x)
+  family, variables, x, key, (_, maps) = _restored_and_scored(evaluated_gan, 1, 3)
   recon = jax.jit(family.reconstruct)(variables, x, key)
   residual = np.abs(x - np.asarray(recon)).mean(-1)
   np.testing.assert_allclose(residual, maps["gan_residual"], rtol=1e-5, atol=1e-5)
