@@ -104,9 +104,10 @@ def _restored_and_scored(evaluated_gan, data_seed, key_seed):
 def test_gan_scores_match_the_latent_search_run_alone(evaluated_gan):
   """The eval binary's `gan` score is latent_search's on the restored networks."""
   family, variables, x, key, (scores, maps) = _restored_and_scored(evaluated_gan, 0, 7)
+  net = gan_family._net  # pylint: disable=protected-access
   generate, features = latent_search.eval_functions(
-      family.generator, gan_family._net(variables, "generator"),  # pylint: disable=protected-access
-      family.discriminator, gan_family._net(variables, "discriminator"))  # pylint: disable=protected-access
+      family.generator, net(variables, "generator"),
+      family.discriminator, net(variables, "discriminator"))
   alone = latent_search.latent_search(
       generate, features, x, latent_search.initial_latents(key, 3, 4), steps=5, lr=1e-2,
       momentum=0.9, lam=0.5)
