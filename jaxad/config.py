@@ -51,6 +51,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"data.intensity_range={tuple(d.intensity_range)!r} must be "
                         "(lo, hi) with lo < hi, or () for the dtype's range")
   _positive(d.image_size, "data.image_size")
+  if isinstance(d.bit_depth, bool) or not isinstance(d.bit_depth, int) or \
+      not 1 <= d.bit_depth <= 16:
+    raise ConfigError(f"data.bit_depth={d.bit_depth!r} must be an int in 1..16 (8 for "
+                      "PNG/JPEG/uint8 images, 16 for 16-bit, 12 for 12-bit CT)")
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
   _choice(m.family, tuple(MODEL_NAMES), "model.family")
@@ -75,9 +79,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("plateau_patience", "early_stop_patience", "warmup_steps", "grad_clip"):
     if t[key] < 0:
       raise ConfigError(f"train.{key}={t[key]} must be >= 0 (0 turns it off)")
+  if not 0.0 <= t.mutation_rate < 1.0:
+    raise ConfigError(f"train.mutation_rate={t.mutation_rate} must be in [0, 1) (0 = off)")
+  _validate_background(config)
   if not 0.0 <= t.ema_rate < 1.0:
     raise ConfigError(f"train.ema_rate={t.ema_rate} must be in [0, 1) (0 turns it off; "
                       "0.999 or 0.9999 are usual)")
+
+
+def _validate_background(config: ml_collections.ConfigDict) -> None:
+  b = config.background
+  if not b.enabled:
+    return
+  if config.model.family == "gan":
+    raise ConfigError("background.enabled needs a likelihood model (model.family vae or "
+                      "score); a GAN has no log p(x) to take a ratio of")
+  if not 0.0 <= b.mutation_rate < 1.0:
+    raise ConfigError(f"background.mutation_rate={b.mutation_rate} must be in [0, 1) "
+                      "(Ren et al. use 0.1–0.3)")
+  if not 0.0 < b.width_factor <= 1.0:
+    raise ConfigError(f"background.width_factor={b.width_factor} must be in (0, 1]")
+  if b.source:
+    _choice(b.source, SOURCES, "background.source")
+    if b.source == "tfds" and not b.name:
+      raise ConfigError("background.source='tfds' needs background.name")
+    if b.source in ("folder", "nifti", "csv", "npz") and not b.path:
+      raise ConfigError(f"background.source={b.source!r} needs background.path")
 
 
 def _validate_gan(g: ml_collections.ConfigDict, e: ml_collections.ConfigDict) -> None:

@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.intensity = "fixed"  # fixed: map intensity_range to [-1, 1]; minmax: per image.
   d.intensity_range = ()  # (lo, hi); () = dtype range (uint8 0..255,
   # uint16 0..65535, float 0..1). Set e.g. (0, 4095) for 12-bit data, or a CT window.
+  d.bit_depth = 8  # bits per value of the stored images (8: PNG/JPEG/uint8, 16 or e.g.
+  # 12 for CT): complexity scores code the image at this depth; mutation draws levels.
   d.synthetic = ml_collections.ConfigDict(dict(
       num_examples=64, image_size=32, channels=1, anomaly_fraction=0.5))
 
@@ -112,6 +114,17 @@ def get_config() -> ml_collections.ConfigDict:
       steps=50,  # RK4 steps of the probability-flow ODE from t_eps to 1
       probes=1,  # Rademacher probes of the Hutchinson trace estimator
       levels=256))  # intensity levels for dequantisation (0 = continuous data)
+  e.complexity = True  # Serrà et al.: jpegxl_bpd, png_bpd and S = bpd − L(x)/D of every
+  # likelihood score (vae_complexity, iwae_complexity, prob_flow_complexity, *_png)
+
+  c.background = b = ml_collections.ConfigDict()  # Ren et al. 2019: likelihood ratio
+  b.enabled = False  # train: also train WORKDIR/background; eval: add the *_llr scores
+  b.mutation_rate = 0.2  # each training value replaced by a uniform random level with
+  # this probability (Ren et al.: 0.1–0.3); 0 with a generic dataset (background.source)
+  b.width_factor = 0.5  # its widths (hidden sizes, U-Net base width) = the model's × this
+  b.source = ""  # "" = the model's own normal training images; else a data.source of a
+  b.name = ""  # generic dataset (tfds name, or path: every class of its train split)
+  b.path = ""
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 32  # global batch, split over every device of every host.
@@ -123,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.eps = 1e-8
   t.warmup_steps = 0  # linear learning-rate warm-up over this many steps (0 = off).
   t.grad_clip = 0.0  # clip the global gradient norm to this (0 = off).
+  t.mutation_rate = 0.0  # Ren et al.'s input perturbation (the background model sets it)
   t.ema_rate = 0.0  # keep an EMA of the parameters, used by eval (0 = off).
   t.plateau_patience = 0  # epochs without val improvement before lr×factor (0 = off).
   t.plateau_factor = 0.1

@@ -25,6 +25,7 @@ from jaxad import checkpoint, compile_options, defaults, files, metrics, paralle
 from jaxad.data import lesions as lesions_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import CheckpointError, DataError
+from jaxad.scores import complexity as complexity_lib
 
 EVAL, HEALTHY = 3, 4  # key purposes (trainer uses 0–2)
 RANGE_FACTOR = 4.0  # pixel curves span [0, RANGE_FACTOR × the healthy maps' maximum]
@@ -334,6 +335,9 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
 
   index, anomalous, class_of = [], [], []
   scores = {k: [] for k in family.sample_scores}
+  coder = complexity_lib.ComplexityPool(int(config.data.bit_depth)) \
+      if e.complexity and getattr(family, "likelihood_scores", ()) else None
+  lengths = {k: [] for k in (coder.names if coder else ())}
   examples = {"normal": [], "anomalous": []}
   seen = 0
   key = trainer.purpose_key(config.seed, EVAL)
@@ -345,13 +349,15 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   for b, batch in enumerate(batches):
     images, is_anomalous, mask = batch["image"], batch["anomalous"], batch.get("mask")
     placed, batch_key = parallel.put_batch(images, mesh), jax.random.fold_in(key, b)
+    coded = coder.submit(images) if coder else None  # host threads, beside the device
     out, maps = score_fn(variables, placed, batch_key)
     # From here on every process holds the whole global batch (images only while the
     # report still wants examples: they are the largest thing to gather).
     want_images = any(len(v) < e.num_examples // 2 for v in examples.values())
-    out, maps, mask, is_anomalous, images, batch = parallel.allgather(
+    out, maps, mask, is_anomalous, images, batch, coded = parallel.allgather(
         (out, maps, mask, is_anomalous, images if want_images else None,
-         {k: batch[k] for k in ("index", "valid", "label")}))
+         {k: batch[k] for k in ("index", "valid", "label")},
+         coded.result() if coded else None))
     valid = batch["valid"] > 0
     rows = np.arange(seen, seen + int(valid.sum()))
     seen += len(rows)
@@ -359,6 +365,8 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     anomalous.append(is_anomalous[valid])
     for k in scores:
       scores[k].append(out[k][valid])
+    for k in lengths:
+      lengths[k].append(coded[k][valid])
     labels = batch["label"][valid]
     names = np.asarray(source.class_names)[labels].astype(object)
     if spec is not None:
@@ -397,7 +405,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   index = np.concatenate(index)
   anomalous = np.concatenate(anomalous).astype(np.int32)
   class_of = np.concatenate(class_of).astype(str)
-  scores = {k: np.concatenate(v).astype(np.float64) for k, v in scores.items()}
+  scores = _with_complexity(family, config, shape, scores, lengths, coder)
   ids = source.ids[index]
   if jax.process_index() == 0:
     _write_scores(out_dir, ids, index, class_of, anomalous, scores)
@@ -415,6 +423,10 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     normal_names = sorted(set(class_of[anomalous == 0]))
     groups = None if source.groups is None else source.groups[index]
     result.update(_sample_metrics(scores, anomalous, class_of, normal_names, groups, config))
+  if "sample" in result:
+    result["ranking"] = score_ranking(
+        result["sample"], None if input_path or name == "val" else
+        validation_auroc(family, variables, config, mesh, source.spatial_ndim), name)
   if curves:
     result["pixel"] = _pixel_metrics(curves, stats, config, healthy_source, calibration)
     groups = None if source.groups is None else source.groups[index]
@@ -437,6 +449,82 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     if not input_path:
       _write_report(workdir, name, result, scores, class_of, anomalous, grid)
   return result
+
+
+def _with_complexity(family, config, shape, scores: dict, lengths: dict, coder) -> dict:
+  """The concatenated scores with the complexity scores of Serrà et al. added (when the
+  family has likelihood scores and eval.complexity is on): L(x)/D under each coder and
+  S = bpd − L(x)/D for each likelihood score."""
+  scores = {k: np.concatenate(v).astype(np.float64) for k, v in scores.items()}
+  if coder is None:
+    return scores
+  coder.close()
+  model_bpd = family.likelihood_bpd(scores, int(np.prod(shape)), int(config.data.bit_depth))
+  return {**scores, **complexity_lib.corrected_scores(
+      model_bpd, {k: np.concatenate(v) for k, v in lengths.items()})}
+
+
+def validation_auroc(family, variables, config, mesh, spatial_ndim: int) -> dict | None:
+  """AUROC of every sample score on the validation split, or None when it has no
+  anomalous (or no normal) image to rank scores with.
+
+  The same pass as the eval binary's (batches, keys, complexity), sample scores only,
+  so `--split=val` reports the same numbers.
+  """
+  split = pipeline.load_split(config.data, "val")
+  if split is None or not 0 < split.anomalous.sum() < len(split.source):
+    return None
+  score_fn = make_score_fn(family, False)
+  coder = complexity_lib.ComplexityPool(int(config.data.bit_depth)) \
+      if config.eval.complexity and getattr(family, "likelihood_scores", ()) else None
+  scores = {k: [] for k in family.sample_scores}
+  lengths = {k: [] for k in (coder.names if coder else ())}
+  anomalous, key = [], trainer.purpose_key(config.seed, EVAL)
+  for b, batch in enumerate(_batches(split, config)):
+    coded = coder.submit(batch["image"]) if coder else None
+    out, _ = score_fn(variables, parallel.put_batch(batch["image"], mesh),
+                      jax.random.fold_in(key, b))
+    out, coded, batch = parallel.allgather(
+        (out, coded.result() if coded else None,
+         {k: batch[k] for k in ("index", "valid")}))
+    valid = batch["valid"] > 0
+    for k in scores:
+      scores[k].append(out[k][valid])
+    for k in lengths:
+      lengths[k].append(coded[k][valid])
+    anomalous.append(split.anomalous[batch["index"][valid]])
+  shape = trainer.image_shape(config, spatial_ndim)
+  scores = _with_complexity(family, config, shape, scores, lengths, coder)
+  anomalous = np.concatenate(anomalous)
+  out = {}
+  for k, v in scores.items():
+    try:
+      out[k] = metrics.auroc(anomalous, v)
+    except DataError:  # non-finite scores of a diverged model
+      out[k] = None
+  return out
+
+
+def score_ranking(sample: dict, val_auroc: dict | None, split: str) -> dict:
+  """Every score ordered by the AUROC to trust: the validation split's when it has
+  anomalies, else this split's own (then said, since picking the best score on the
+  split it is reported on flatters it)."""
+  if val_auroc is not None:
+    by, values = "validation AUROC", val_auroc
+    note = ("scores ranked on the validation split; the test numbers of the chosen score "
+            "are an honest estimate")
+  else:
+    by = f"{split} AUROC"
+    values = {k: row["all"]["auroc"] for k, row in sample.items()}
+    note = (f"ranked on the {split} split itself: " + (
+        "it is the validation split" if split == "val" else
+        "the validation split has no anomalous image (or none exists), so the best "
+        "score's AUROC is optimistic; label some validation anomalies to choose "
+        "without peeking"))
+  known = [k for k in sample if values.get(k) is not None]
+  order = sorted(known, key=lambda k: -values[k]) + [k for k in sample if k not in known]
+  return {"by": by, "note": note, "order": order, "best": order[0] if known else None,
+          "auroc": {k: values.get(k) for k in order}}
 
 
 def _add_reconstructions(picked, family, variables, images, rng) -> None:
@@ -479,22 +567,31 @@ def headline_table(result: dict) -> str:
            f"{result['num_anomalous']} anomalous (checkpoint step {result['step']})"]
   w = max([10] + [len(k) for k in (*result.get("sample", {}), *result.get("pixel", {}))])
   if "sample" in result:
-    lines.append(f"{'score':<{w}} {'AUROC':>7} {'AUPRC':>7} {'95% CI':>15} {'logreg':>7}")
-    for k, row in result["sample"].items():
+    ranking = result.get("ranking") or {"order": list(result["sample"]), "auroc": {}}
+    by = "valAUROC" if ranking.get("by") == "validation AUROC" else "rank by"
+    lines.append(f"  {'score':<{w}} {'AUROC':>7} {'AUPRC':>7} {'95% CI':>15} {'logreg':>7} "
+                 f"{by:>8}")
+    for k in ranking["order"]:
+      row = result["sample"][k]
       ci = result.get("bootstrap", {}).get(k)
       ci = f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
       lr = result["logistic_regression"][k].get("auroc", float("nan"))
-      lines.append(f"{k:<{w}} {row['all']['auroc']:>7.3f} {row['all']['auprc']:>7.3f} "
-                   f"{ci:>15} {lr:>7.3f}")
+      rank = ranking["auroc"].get(k)
+      rank = f"{rank:.3f}" if rank is not None else "-"
+      mark = "* " if k == ranking.get("best") else "  "
+      lines.append(f"{mark}{k:<{w}} {row['all']['auroc']:>7.3f} {row['all']['auprc']:>7.3f} "
+                   f"{ci:>15} {lr:>7.3f} {rank:>8}")
+    if "by" in ranking:
+      lines.append(f"(ordered by {ranking['by']}; * = best: {ranking['note']})")
   if "pixel" in result:
-    lines.append(f"{'map':<{w}} {'pxAUROC':>7} {'95% CI':>15} {'pxAUPRC':>7} {'Dice@cal':>8} "
+    lines.append(f"  {'map':<{w}} {'pxAUROC':>7} {'95% CI':>15} {'pxAUPRC':>7} {'Dice@cal':>8} "
                  f"{'Dice@PR':>8} {'Dice@Nσ':>8}")
     for k, m in result["pixel"].items():
       t = m["thresholds"]
       dice = lambda key: f"{t[key]['dice']:.3f}" if "dice" in t.get(key, {}) else "-"
       ci = m.get("bootstrap", {}).get("auroc")
       ci = f"[{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
-      lines.append(f"{k:<{w}} {m['auroc']:>7.3f} {ci:>15} {m['auprc']:>7.3f} "
+      lines.append(f"  {k:<{w}} {m['auroc']:>7.3f} {ci:>15} {m['auprc']:>7.3f} "
                    f"{dice('calibrated'):>8} {dice('pr_operating_point'):>8} "
                    f"{dice('n_sigma'):>8}")
   return "\n".join(lines)

@@ -442,6 +442,21 @@ def _sample_tables(sample: dict) -> str:
   return "\n".join(out)
 
 
+def _ranking_section(ranking: dict, sample: dict) -> str:
+  """Every score in the order of the AUROC to trust (validation when it has anomalies),
+  the best one starred."""
+  split = "validation" if ranking["by"] == "validation AUROC" else "this split"
+  rows = []
+  for k in ranking["order"]:
+    row = sample.get(k, {}).get("all", {})
+    name = f"★ {k}" if k == ranking.get("best") else k
+    rows.append((name, [ranking["auroc"].get(k), row.get("auroc"), row.get("auprc")]))
+  caption = (f"Scores ordered by {ranking['by']}; ★ = the best. {ranking['note']}.")
+  return ("<h2>Which score to trust</h2>" +
+          _table(caption, ["score", f"AUROC ({split})", "AUROC (all)", "AUPRC (all)"], rows,
+                 best=True))
+
+
 def _flatten(value: dict, prefix: str = "") -> dict:
   """Nested dicts to {'a.b': leaf}; leaves are scalars or lists."""
   flat = {}
@@ -521,6 +536,8 @@ def _metric_sections(metrics: dict) -> list[str]:
   if scalars:
     out.append("<h2>Run</h2>" + _table("", ["field", "value"],
                                         [(k, [v]) for k, v in scalars.items()]))
+  if isinstance(metrics.get("ranking"), dict) and isinstance(metrics.get("sample"), dict):
+    out.append(_ranking_section(metrics["ranking"], metrics["sample"]))
   sample = metrics.get("sample")
   if isinstance(sample, dict) and sample and all(
       isinstance(r, dict) and all(isinstance(c, dict) for c in r.values())
@@ -536,7 +553,7 @@ def _metric_sections(metrics: dict) -> list[str]:
     else:
       out.append(_section("pixel", pixel))
   for name, value in metrics.items():
-    if name not in ("sample", "pixel") and name not in scalars:
+    if name not in ("sample", "pixel", "ranking") and name not in scalars:
       out.append(_section(name, value))
   return out
 

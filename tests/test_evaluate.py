@@ -74,7 +74,13 @@ def test_every_image_scored_once_on_1_and_8_devices(evaluated):
 def test_metrics_json_has_every_section(evaluated):
   workdir, config, result, _ = evaluated
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))["test"]
-  assert set(saved["sample"]) == set(sample.SAMPLE_SCORES)
+  corrected = {f"{k}_complexity{c}" for k in ("vae", "iwae") for c in ("", "_png")}
+  assert set(saved["sample"]) == {*sample.SAMPLE_SCORES, "jpegxl_bpd", "png_bpd", *corrected}
+  ranking = saved["ranking"]  # the synthetic validation split has no anomalies: said so
+  assert ranking["by"] == "test AUROC" and "optimistic" in ranking["note"]
+  assert ranking["best"] == ranking["order"][0]
+  assert ranking["auroc"][ranking["best"]] == max(r["all"]["auroc"]
+                                                  for r in saved["sample"].values())
   assert set(saved["sample"]["vae"]) == {"anomalous", "all"}
   assert set(saved["pixel"]) == set(pixel.PIXEL_MAPS)
   for m in saved["pixel"].values():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from jaxad.objectives import likelihood as likelihood_lib
 from jaxad.objectives import sde as sde_lib
 from jaxad.scores import prob_flow
 
@@ -168,11 +169,11 @@ def test_bits_per_dim_by_hand():
   # 8-bit: on the 0..255 scale, y = (x + 1)·127.5, so log p_y = log p_x − D·log 127.5
   # and bpd = −log p_y/(D ln 2) = −log p_x/(D ln 2) + log2 127.5.
   expected = -np.array([-5000.0, 2000.0]) / (num_dims * math.log(2)) + math.log2(127.5)
-  got = prob_flow.bits_per_dim(log_p, num_dims, 256)
+  got = likelihood_lib.bits_per_dim(log_p, num_dims, 256)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   assert float(got[0]) == pytest.approx(9.34249, abs=1e-5)  # 5000/(3072 ln 2) + 6.99435.
   # levels=0: the continuous density's bpd on [-1, 1]; a peaked density gives bpd < 0.
-  continuous = prob_flow.bits_per_dim(log_p, num_dims, 0)
+  continuous = likelihood_lib.bits_per_dim(log_p, num_dims, 0)
   np.testing.assert_allclose(continuous, [5000 / (3072 * math.log(2)),
                                           -2000 / (3072 * math.log(2))], rtol=1e-6)
 
@@ -194,7 +195,7 @@ def test_prob_flow_scores(levels):
 def test_argument_errors():
   x, rng = jnp.zeros((2, 3)), jax.random.key(0)
   with pytest.raises(ValueError, match="levels must be 0 .* got 1"):
-    prob_flow.bits_per_dim(jnp.zeros(2), 3, 1)
+    likelihood_lib.bits_per_dim(jnp.zeros(2), 3, 1)
   with pytest.raises(ValueError, match="dequantize needs levels >= 2"):
     prob_flow.dequantize(x, rng, 0)
   with pytest.raises(ValueError, match="steps must be a positive int; got 0"):

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxad.errors import ConfigError
 from jaxad.models import unet as unet_models
+from jaxad.objectives import likelihood as likelihood_lib
 from jaxad.objectives import sde as sde_lib
 from jaxad.scores import pixel
 from jaxad.scores import prob_flow
@@ -55,6 +57,22 @@ class ScoreModel:
   @property
   def sample_scores(self) -> tuple[str, ...]:
     return SAMPLE_SCORES + (PROB_FLOW_SCORES if self.prob_flow_steps else ())
+
+  @property
+  def likelihood_scores(self) -> tuple[str, ...]:
+    """Scores with a −log p(x) behind them (for complexity correction)."""
+    return ("prob_flow",) if self.prob_flow_steps else ()
+
+  def likelihood_bpd(self, scores: dict, num_dims: int, bit_depth: int) -> dict:
+    """prob_flow: the probability-flow bpd of the image at `bit_depth` bits (dequantised
+    at eval.prob_flow.levels = 2^bit_depth; for continuous levels=0, the density's
+    −log p(x) with the bin width of 2^bit_depth levels, as `likelihood.bits_per_dim`)."""
+    if not self.prob_flow_steps:
+      return {}
+    if self.levels:
+      return {"prob_flow": scores["prob_flow_bpd"]}
+    return {"prob_flow": likelihood_lib.bits_per_dim(-scores["prob_flow_nll"], num_dims,
+                                                     2 ** bit_depth)}
 
   def init(self, rng: jax.Array, shape: tuple[int, ...]) -> dict:
     return dict(self.module.init(rng, jnp.zeros((1, *shape)), jnp.zeros((1,)), train=False))
@@ -122,6 +140,12 @@ class ScoreModel:
 
 def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> ScoreModel:
   s, pf = config.eval.sano, config.eval.prob_flow
+  bits = int(config.data.bit_depth)
+  if pf.enabled and config.eval.complexity and pf.levels not in (0, 2 ** bits):
+    raise ConfigError(
+        f"eval.prob_flow.levels={pf.levels} does not match data.bit_depth={bits}: the "
+        f"complexity-corrected prob_flow score needs both to describe the same image; "
+        f"set eval.prob_flow.levels={2 ** bits} (or 0), or eval.complexity=False")
   return ScoreModel(
       module=unet_models.build_unet(config.model.unet, image_shape),
       sde=sde_lib.make_sde(config.model.sde),

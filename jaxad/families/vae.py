@@ -1,6 +1,7 @@
 """The VAE family: −ELBO training, the six sample-wise scores and the five pixel maps."""
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ class VAE:
   val_metric: str = "neg_elbo"
   sample_scores: tuple[str, ...] = sample.SAMPLE_SCORES
   pixel_maps: tuple[str, ...] = pixel.PIXEL_MAPS
+  likelihood_scores: tuple[str, ...] = ("vae", "iwae")  # bounds on −log p(x), nats
 
   def init(self, rng: jax.Array, shape: tuple[int, ...]) -> dict:
     return dict(self.module.init(rng, jnp.zeros((1, *shape)), train=False))
@@ -52,6 +54,21 @@ class VAE:
                             self.likelihood, smooth_sigma=self.smooth_sigma) \
         if with_maps else {}
     return out, maps
+
+  def likelihood_bpd(self, scores: dict, num_dims: int, bit_depth: int) -> dict:
+    """The `likelihood_scores` in bits per dimension of the image at `bit_depth` bits.
+
+    Gaussian: p(x|z) is a density on [-1, 1], and the discrete image's probability is
+    about p(x)·w^D with bin width w = 2/(2^bit_depth − 1) (`likelihood.bits_per_dim`).
+    Bernoulli: −log p(x|z) is already in the units of a probability of (x + 1)/2
+    (exact for binary images, a cross-entropy for grey ones): bits = nats/ln 2.
+    """
+    levels = 2 ** bit_depth
+    if self.likelihood.kind == "gaussian":
+      convert = lambda nll: likelihood_lib.bits_per_dim(-nll, num_dims, levels)
+    else:
+      convert = lambda nll: nll / (num_dims * math.log(2))
+    return {k: convert(scores[k]) for k in self.likelihood_scores}
 
   def reconstruct(self, variables, images: jax.Array, rng: jax.Array) -> Any:
     """The decoded posterior mean, E[x | z = mu(x)] (deterministic: `rng` unused)."""

@@ -60,6 +60,32 @@ def log_standard_normal(z: jax.Array) -> jax.Array:
   return jnp.sum(-0.5 * (LOG_2PI + jnp.square(z)), axis=-1)
 
 
+def check_levels(levels):
+  if isinstance(levels, bool) or not isinstance(levels, int) or levels == 1 or levels < 0:
+    raise ValueError(f"levels must be 0 (continuous data) or the number of intensity "
+                     f"levels >= 2 (e.g. 256 for 8-bit); got {levels!r}")
+
+
+def log_bin_width(levels: int) -> float:
+  """log of the bin width 2/(levels − 1) on the [-1, 1] scale; 0 for continuous data."""
+  check_levels(levels)
+  return 0.0 if levels == 0 else math.log(2.0 / (levels - 1))
+
+
+def bits_per_dim(log_p: jax.Array, num_dims: int, levels: int) -> jax.Array:
+  """Bits per dimension from the log-density log p (nats per image) on the [-1, 1] scale.
+
+  levels >= 2 (integer data, log p of the dequantised image): the probability of the
+    discrete image is log P(k) ≥ log p(x_deq) + D·log w with bin width w = 2/(levels − 1),
+    and bpd = −(log p + D·log w)/(D·ln 2). For 8-bit data (levels=256) this is the usual
+    bpd of the literature on the 0..256 scale.
+  levels = 0 (float data, e.g. 16-bit images stored as floats): no dequantisation; the bpd
+    of the continuous density on the [-1, 1] scale, −log p/(D·ln 2). It is not comparable
+    with discrete bpd and can be negative.
+  """
+  return -(log_p + num_dims * log_bin_width(levels)) / (num_dims * math.log(2))
+
+
 @dataclasses.dataclass(frozen=True)
 class Likelihood:
   """The decoder likelihood p(x|z) and the reconstruction term of the training loss.

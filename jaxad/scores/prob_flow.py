@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxad.objectives import likelihood as likelihood_lib
 from jaxad.objectives import sde as sde_lib
 
 
@@ -28,12 +29,6 @@ def _sum_per_example(values: jax.Array) -> jax.Array:
 def _check_positive_int(name: str, value):
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{name} must be a positive int; got {value!r}")
-
-
-def _check_levels(levels):
-  if isinstance(levels, bool) or not isinstance(levels, int) or levels == 1 or levels < 0:
-    raise ValueError(f"levels must be 0 (continuous data) or the number of intensity "
-                     f"levels >= 2 (e.g. 256 for 8-bit); got {levels!r}")
 
 
 def prob_flow_drift(sde: sde_lib.VPSDE, score_fn, x: jax.Array, t: jax.Array) -> jax.Array:
@@ -111,32 +106,12 @@ def dequantize(x: jax.Array, rng: jax.Array, levels: int) -> jax.Array:
   For data on [-1, 1] stored as k·2/(levels − 1) − 1, k = 0..levels−1; the bin of k is
   [x, x + 2/(levels − 1)).
   """
-  _check_levels(levels)
+  likelihood_lib.check_levels(levels)
   if levels == 0:
     raise ValueError("dequantize needs levels >= 2; continuous data (levels=0) is used "
                      "as is")
   u = jax.random.uniform(rng, x.shape, x.dtype)
   return x + u * (2.0 / (levels - 1))
-
-
-def _log_bin_width(levels: int) -> float:
-  """log of the bin width 2/(levels − 1) on the [-1, 1] scale; 0 for continuous data."""
-  _check_levels(levels)
-  return 0.0 if levels == 0 else math.log(2.0 / (levels - 1))
-
-
-def bits_per_dim(log_p: jax.Array, num_dims: int, levels: int) -> jax.Array:
-  """Bits per dimension from the log-density log p (nats per image) on the [-1, 1] scale.
-
-  levels >= 2 (integer data, log p of the dequantised image): the probability of the
-    discrete image is log P(k) ≥ log p(x_deq) + D·log w with bin width w = 2/(levels − 1),
-    and bpd = −(log p + D·log w)/(D·ln 2). For 8-bit data (levels=256) this is the usual
-    bpd of the literature on the 0..256 scale.
-  levels = 0 (float data, e.g. 16-bit images stored as floats): no dequantisation; the bpd
-    of the continuous density on the [-1, 1] scale, −log p/(D·ln 2). It is not comparable
-    with discrete bpd and can be negative.
-  """
-  return -(log_p + num_dims * _log_bin_width(levels)) / (num_dims * math.log(2))
 
 
 def prob_flow_scores(sde: sde_lib.VPSDE, score_fn, x: jax.Array, rng: jax.Array, *,
@@ -151,9 +126,9 @@ def prob_flow_scores(sde: sde_lib.VPSDE, score_fn, x: jax.Array, rng: jax.Array,
   """
   deq_rng, ode_rng = jax.random.split(rng)
   num_dims = math.prod(x.shape[1:])
-  nll_offset = -num_dims * _log_bin_width(levels)
+  nll_offset = -num_dims * likelihood_lib.log_bin_width(levels)
   if levels:
     x = dequantize(x, deq_rng, levels)
   log_p = log_likelihood(sde, score_fn, x, ode_rng, steps=steps, num_probes=num_probes)
   return {"prob_flow_nll": nll_offset - log_p,
-          "prob_flow_bpd": bits_per_dim(log_p, num_dims, levels)}
+          "prob_flow_bpd": likelihood_lib.bits_per_dim(log_p, num_dims, levels)}
