@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.check_files = True  # folder/nifti/csv: decode every file before compiling, and
   # name every unreadable one (else a bad file stops the run when it is read).
   d.check_files_max = 20_000  # ...for splits of at most this many examples (0 = any).
-  d.normal_classes = ()  # class names or indices seen in training...
+  d.normal_classes = ()  # class names or indices seen in training ("*" = all)...
   d.anomalous_classes = ()  # ...or their complement; set exactly one of the two.
   d.image_size = 32  # every side is resized to this (conv VAE: 4·2^k).
   d.depth = 0  # volumes: depth after resizing (0 = same as image_size).

@@ -21,7 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxad import checkpoint, compile_options, defaults, files, metrics, parallel, trainer
+from jaxad import background, checkpoint, compile_options, defaults, files, metrics, parallel
+from jaxad import trainer
 from jaxad.data import lesions as lesions_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import CheckpointError, DataError
@@ -302,6 +303,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     data_split, name = pipeline.load_split(config.data, split), split
   source = data_split.source
   family, variables, step = restore_variables(config, workdir, source.spatial_ndim, mesh)
+  bg = restore_background(config, workdir, source.spatial_ndim, mesh)
   lesion_cfg = config.data.synthetic_lesions
   spec = lesions_lib.spec_from_config(lesion_cfg, "data.synthetic_lesions") \
       if lesion_cfg.enabled and not input_path else None
@@ -334,9 +336,8 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
                         with_mask=source.has_masks or spec is not None)
 
   index, anomalous, class_of = [], [], []
-  scores = {k: [] for k in family.sample_scores}
-  coder = complexity_lib.ComplexityPool(int(config.data.bit_depth)) \
-      if e.complexity and getattr(family, "likelihood_scores", ()) else None
+  scores = {k: [] for k in _score_names(family, bg)}
+  coder = _coder(family, config)
   lengths = {k: [] for k in (coder.names if coder else ())}
   examples = {"normal": [], "anomalous": []}
   seen = 0
@@ -350,7 +351,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
     images, is_anomalous, mask = batch["image"], batch["anomalous"], batch.get("mask")
     placed, batch_key = parallel.put_batch(images, mesh), jax.random.fold_in(key, b)
     coded = coder.submit(images) if coder else None  # host threads, beside the device
-    out, maps = score_fn(variables, placed, batch_key)
+    out, maps = _score_batch(score_fn, variables, bg, placed, batch_key)
     # From here on every process holds the whole global batch (images only while the
     # report still wants examples: they are the largest thing to gather).
     want_images = any(len(v) < e.num_examples // 2 for v in examples.values())
@@ -405,7 +406,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   index = np.concatenate(index)
   anomalous = np.concatenate(anomalous).astype(np.int32)
   class_of = np.concatenate(class_of).astype(str)
-  scores = _with_complexity(family, config, shape, scores, lengths, coder)
+  scores = _derived_scores(family, config, shape, scores, lengths, coder, bg)
   ids = source.ids[index]
   if jax.process_index() == 0:
     _write_scores(out_dir, ids, index, class_of, anomalous, scores)
@@ -426,7 +427,7 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   if "sample" in result:
     result["ranking"] = score_ranking(
         result["sample"], None if input_path or name == "val" else
-        validation_auroc(family, variables, config, mesh, source.spatial_ndim), name)
+        validation_auroc(family, variables, config, mesh, source.spatial_ndim, bg), name)
   if curves:
     result["pixel"] = _pixel_metrics(curves, stats, config, healthy_source, calibration)
     groups = None if source.groups is None else source.groups[index]
@@ -451,39 +452,86 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   return result
 
 
-def _with_complexity(family, config, shape, scores: dict, lengths: dict, coder) -> dict:
-  """The concatenated scores with the complexity scores of Serrà et al. added (when the
-  family has likelihood scores and eval.complexity is on): L(x)/D under each coder and
-  S = bpd − L(x)/D for each likelihood score."""
+def restore_background(config, workdir: str, spatial_ndim: int, mesh):
+  """(family, variables) of the likelihood ratio's background model, or None when
+  background.enabled is off."""
+  if not config.background.enabled:
+    return None
+  directory = os.path.join(workdir, background.SUBDIR)
+  if not os.path.isdir(os.path.join(directory, "checkpoints")):
+    raise CheckpointError(
+        f"background.enabled is on but {directory} holds no checkpoint: run python -m "
+        f"jaxad.train again with the same --config and --workdir={workdir} (it trains the "
+        "background model after the model), or pass --config.background.enabled=False")
+  bg_family, bg_variables, _ = restore_variables(background.background_config(config),
+                                                 directory, spatial_ndim, mesh)
+  return bg_family, bg_variables
+
+
+def _score_names(family, bg) -> list[str]:
+  names = list(family.sample_scores)
+  return names + ([] if bg is None else
+                  [background.PREFIX + k for k in bg[0].sample_scores])
+
+
+def _coder(family, config):
+  """A ComplexityPool when the family has likelihood scores and eval.complexity is on."""
+  if config.eval.complexity and getattr(family, "likelihood_scores", ()):
+    return complexity_lib.ComplexityPool(int(config.data.bit_depth))
+  return None
+
+
+def _score_batch(score_fn, variables, bg, images, key):
+  """The family's one pass, and the background model's scores of the same images with
+  the same key (prefixed background_)."""
+  out, maps = score_fn(variables, images, key)
+  if bg is not None:
+    bg_out, _ = make_score_fn(bg[0], False)(bg[1], images, key)
+    out = {**out, **{background.PREFIX + k: v for k, v in bg_out.items()}}
+  return out, maps
+
+
+def _derived_scores(family, config, shape, scores: dict, lengths: dict, coder, bg) -> dict:
+  """The concatenated scores, with the scores derived from them on the host:
+  Serrà et al.'s complexity (L(x)/D per coder and S = bpd − L(x)/D, with a coder) and
+  Ren et al.'s likelihood ratio (`<score>_llr`, with a background model)."""
   scores = {k: np.concatenate(v).astype(np.float64) for k, v in scores.items()}
-  if coder is None:
+  raw_bg = {k[len(background.PREFIX):]: scores.pop(k) for k in list(scores)
+            if k.startswith(background.PREFIX)}
+  if coder is None and bg is None:
     return scores
-  coder.close()
-  model_bpd = family.likelihood_bpd(scores, int(np.prod(shape)), int(config.data.bit_depth))
-  return {**scores, **complexity_lib.corrected_scores(
-      model_bpd, {k: np.concatenate(v) for k, v in lengths.items()})}
+  num_dims, bits = int(np.prod(shape)), int(config.data.bit_depth)
+  model_bpd = family.likelihood_bpd(scores, num_dims, bits)
+  if bg is not None:
+    scores.update(background.llr_scores(model_bpd,
+                                        bg[0].likelihood_bpd(raw_bg, num_dims, bits)))
+  if coder is not None:
+    coder.close()
+    scores.update(complexity_lib.corrected_scores(
+        model_bpd, {k: np.concatenate(v) for k, v in lengths.items()}))
+  return scores
 
 
-def validation_auroc(family, variables, config, mesh, spatial_ndim: int) -> dict | None:
+def validation_auroc(family, variables, config, mesh, spatial_ndim: int,
+                     bg=None) -> dict | None:
   """AUROC of every sample score on the validation split, or None when it has no
   anomalous (or no normal) image to rank scores with.
 
-  The same pass as the eval binary's (batches, keys, complexity), sample scores only,
-  so `--split=val` reports the same numbers.
+  The same pass as the eval binary's (batches, keys, complexity, background), sample
+  scores only, so `--split=val` reports the same numbers.
   """
   split = pipeline.load_split(config.data, "val")
   if split is None or not 0 < split.anomalous.sum() < len(split.source):
     return None
   score_fn = make_score_fn(family, False)
-  coder = complexity_lib.ComplexityPool(int(config.data.bit_depth)) \
-      if config.eval.complexity and getattr(family, "likelihood_scores", ()) else None
-  scores = {k: [] for k in family.sample_scores}
+  coder = _coder(family, config)
+  scores = {k: [] for k in _score_names(family, bg)}
   lengths = {k: [] for k in (coder.names if coder else ())}
   anomalous, key = [], trainer.purpose_key(config.seed, EVAL)
   for b, batch in enumerate(_batches(split, config)):
     coded = coder.submit(batch["image"]) if coder else None
-    out, _ = score_fn(variables, parallel.put_batch(batch["image"], mesh),
-                      jax.random.fold_in(key, b))
+    out, _ = _score_batch(score_fn, variables, bg, parallel.put_batch(batch["image"], mesh),
+                          jax.random.fold_in(key, b))
     out, coded, batch = parallel.allgather(
         (out, coded.result() if coded else None,
          {k: batch[k] for k in ("index", "valid")}))
@@ -494,7 +542,7 @@ def validation_auroc(family, variables, config, mesh, spatial_ndim: int) -> dict
       lengths[k].append(coded[k][valid])
     anomalous.append(split.anomalous[batch["index"][valid]])
   shape = trainer.image_shape(config, spatial_ndim)
-  scores = _with_complexity(family, config, shape, scores, lengths, coder)
+  scores = _derived_scores(family, config, shape, scores, lengths, coder, bg)
   anomalous = np.concatenate(anomalous)
   out = {}
   for k, v in scores.items():

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 
-from jaxad import checkpoint, compile_options, families, files, parallel
+from jaxad import background, checkpoint, compile_options, families, files, parallel
 from jaxad import config as config_lib
 from jaxad.data import pipeline
 from jaxad.errors import ConfigError
@@ -30,6 +30,7 @@ log = logging.getLogger("jaxad")
 
 # Key purposes: every random draw derives from config.seed through one of these.
 INIT, TRAIN, VAL = 0, 1, 2
+MUTATION = 5  # train.mutation_rate's perturbation (evaluation uses 3 and 4)
 
 
 @flax.struct.dataclass
@@ -102,15 +103,20 @@ def eval_params(state: TrainState):
   return state.ema_params if state.ema_params else state.params
 
 
-def make_train_step(family, tx, seed, mesh, ema_rate: float = 0.0):
+def make_train_step(family, tx, seed, mesh, ema_rate: float = 0.0,
+                    mutation: tuple[float, int] = (0.0, 8)):
   """The jit-compiled step: the family's update (by default the gradient of its loss
-  and Adam), the EMA, metrics."""
-  train_key = purpose_key(seed, TRAIN)
+  and Adam), the EMA, metrics. `mutation` = (rate, bit_depth) perturbs the inputs first
+  (`background.mutate`, the background model of a likelihood ratio)."""
+  train_key, mutation_key = purpose_key(seed, TRAIN), purpose_key(seed, MUTATION)
   update = getattr(family, "train_update", None) or functools.partial(
       families.gradient_update, family)
 
   def step(state: TrainState, images: jax.Array):
     rng = jax.random.fold_in(train_key, state.step)
+    if mutation[0]:
+      images = background.mutate(images, jax.random.fold_in(mutation_key, state.step),
+                                 *mutation)
     params, model_state, opt_state, metrics = update(
         tx, state.params, state.model_state, state.opt_state, images, rng)
     ema = state.ema_params
@@ -286,7 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
            config.model.name, train_split.source.name, len(train_split.normal_indices),
            steps_per_epoch, num_steps, mesh.devices.size)
 
-  train_step = make_train_step(family, tx, config.seed, mesh, float(t.ema_rate))
+  train_step = make_train_step(family, tx, config.seed, mesh, float(t.ema_rate),
+                               (float(t.mutation_rate), int(config.data.bit_depth)))
   val_step = make_val_step(family, config.seed, mesh) if val_split else None
   batches = pipeline.train_batches(
       train_split, config.data, seed=config.seed, global_batch=t.batch_size,
@@ -341,4 +348,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  train_step_compilations=train_step._cache_size())
   if int(state.stopped):
     log.info("early stopping: no validation improvement for %d epochs", t.early_stop_patience)
+  if config.background.enabled and (step >= num_steps or int(state.stopped)):
+    summary.update(train_background(config, workdir, devices=devices))
   return state, summary
+
+
+def train_background(config: ml_collections.ConfigDict, workdir: str, *,
+                     devices=None) -> dict:
+  """Trains (or resumes) the likelihood ratio's background model in WORKDIR/background
+  (`background.background_config`); its summary, keys prefixed background_."""
+  directory = os.path.join(workdir, background.SUBDIR)
+  log.info("training the background model (Ren et al.) in %s", directory)
+  _, summary = train_and_evaluate(background.background_config(config), directory,
+                                  devices=devices)
+  return {f"{background.PREFIX}{k}": v for k, v in summary.items()}

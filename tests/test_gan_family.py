@@ -12,7 +12,7 @@ from jaxad import evaluation, trainer
 from jaxad.data import sources
 from jaxad.errors import ConfigError, DataError
 from jaxad.families import gan as gan_family
-from jaxad.scores import latent_search, pixel, sample
+from jaxad.scores import complexity, latent_search, pixel, sample
 
 GAN = {"model.family": "gan", "model.name": "dcgan", "model.latent_dim": 4,
        "model.widths": (8,), "train.b1": 0.5, "eval.latent_steps": 5,
@@ -195,6 +195,7 @@ def test_3d_volumes_train_and_evaluate_with_every_score(tmp_path, family):
     from conftest import tiny_config
     config = tiny_config(**overrides, **{"eval.num_samples": 3})
     names, maps = sample.SAMPLE_SCORES, pixel.PIXEL_MAPS
+    names += complexity.score_names(("vae", "iwae"))
   workdir = str(tmp_path / "wd")
   state, _ = trainer.train_and_evaluate(config, workdir)
   leaves = jax.tree.leaves(state.params)
@@ -288,7 +289,8 @@ def test_nifti_volumes_train_and_evaluate(tmp_path):
   trainer.train_and_evaluate(config, workdir, devices=one)
   result = evaluation.evaluate(workdir, config=config, devices=one)
   assert result["num_images"] == len(expected)
-  assert set(result["sample"]) == set(sample.SAMPLE_SCORES)
+  assert set(result["sample"]) == set(sample.SAMPLE_SCORES) | set(
+      complexity.score_names(("vae", "iwae")))
   # 2 images per class are too few for 5-fold logistic regression: recorded, not raised.
   assert "needs at least 5 images" in result["logistic_regression"]["vae"]["error"]
 

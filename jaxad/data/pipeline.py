@@ -55,6 +55,8 @@ class Split:
 def normal_labels(source: sources.Source, data: ml_collections.ConfigDict) -> np.ndarray:
   """Resolves data.normal_classes / data.anomalous_classes to normal label ints."""
   normal, anomalous = tuple(data.normal_classes), tuple(data.anomalous_classes)
+  if normal == ("*",) and not anomalous:  # every class (a generic background dataset)
+    return np.arange(len(source.class_names))
   if bool(normal) == bool(anomalous):
     raise ConfigError(
         "set exactly one of data.normal_classes and data.anomalous_classes "

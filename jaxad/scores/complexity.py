@@ -106,6 +106,12 @@ def lengths(images: np.ndarray, bit_depth: int) -> dict[str, np.ndarray]:
   return {length_name(c): complexity_bpd(images, bit_depth, c) for c in CODERS}
 
 
+def score_names(likelihood_scores) -> tuple[str, ...]:
+  """The names `corrected_scores` adds for these likelihood scores."""
+  return tuple(length_name(c) for c in CODERS) + tuple(
+      corrected_name(k, c) for k in likelihood_scores for c in CODERS)
+
+
 def corrected_scores(model_bpd: dict[str, np.ndarray],
                      code_lengths: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """S = bpd − L/D for every likelihood score and coder, and the lengths themselves.
