@@ -492,23 +492,34 @@ def _score_batch(score_fn, variables, bg, images, key):
 
 
 def _derived_scores(family, config, shape, scores: dict, lengths: dict, coder, bg) -> dict:
-  """The concatenated scores, with the scores derived from them on the host:
-  Serrà et al.'s complexity (L(x)/D per coder and S = bpd − L(x)/D, with a coder) and
-  Ren et al.'s likelihood ratio (`<score>_llr`, with a background model)."""
+  """The concatenated scores, with those `likelihood_derived` adds on the host."""
   scores = {k: np.concatenate(v).astype(np.float64) for k, v in scores.items()}
   raw_bg = {k[len(background.PREFIX):]: scores.pop(k) for k in list(scores)
             if k.startswith(background.PREFIX)}
-  if coder is None and bg is None:
-    return scores
-  num_dims, bits = int(np.prod(shape)), int(config.data.bit_depth)
-  model_bpd = family.likelihood_bpd(scores, num_dims, bits)
-  if bg is not None:
-    scores.update(background.llr_scores(model_bpd,
-                                        bg[0].likelihood_bpd(raw_bg, num_dims, bits)))
   if coder is not None:
     coder.close()
-    scores.update(complexity_lib.corrected_scores(
-        model_bpd, {k: np.concatenate(v) for k, v in lengths.items()}))
+  return likelihood_derived(
+      family, scores, int(np.prod(shape)), int(config.data.bit_depth),
+      lengths={k: np.concatenate(v) for k, v in lengths.items()} if coder else None,
+      background_family=bg[0] if bg else None, background_scores=raw_bg)
+
+
+def likelihood_derived(family, scores: dict, num_dims: int, bit_depth: int, *,
+                       lengths: dict | None = None, background_family=None,
+                       background_scores: dict | None = None) -> dict:
+  """`scores` with the scores derived from the family's likelihood scores: Serrà et
+  al.'s complexity correction (with `lengths`, `complexity.lengths` of the same images)
+  and Ren et al.'s likelihood ratio (with a background family and its scores of the
+  same images). The eval binary and the grid both use it."""
+  scores = dict(scores)
+  if lengths is None and background_family is None:
+    return scores
+  model_bpd = family.likelihood_bpd(scores, num_dims, bit_depth)
+  if background_family is not None:
+    scores.update(background.llr_scores(model_bpd, background_family.likelihood_bpd(
+        background_scores, num_dims, bit_depth)))
+  if lengths is not None:
+    scores.update(complexity_lib.corrected_scores(model_bpd, lengths))
   return scores
 
 

@@ -8,8 +8,11 @@ The config is an experiment config plus `grid.axes` (see jaxad.grid_axes): axes 
 keep array shapes (seed, c/β, learning rate, left-out class) are vmapped, so a group's
 K members train in one jitted step on their own data streams (jaxad.grid_train); axes
 that change shapes (latent size, image size, architecture) make groups that run one
-after another. Every member is then scored with every sample-wise score, and every
-pixel map when the data has masks or synthetic lesions (jaxad.grid_eval).
+after another. Every member is then scored with every sample-wise score (with the
+complexity-corrected ones under eval.complexity), and every pixel map when the data has
+masks or synthetic lesions (jaxad.grid_eval). With background.enabled, each group's
+background models (Ren et al.'s likelihood ratio, jaxad.background) train after it as
+a second vmapped group, and every member gets its `<score>_llr`.
 
 The workdir:
 
@@ -37,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from jaxad import config as config_lib
-from jaxad import files, grid_axes, grid_eval, grid_report, grid_train, parallel, trainer
+from jaxad import background, files, grid_axes, grid_eval, grid_report, grid_train, parallel, trainer
 from jaxad.errors import CheckpointError
 
 log = logging.getLogger("jaxad")
@@ -83,15 +86,27 @@ def _run_group(group, workdir, mesh, cache, stop_at_step, progress) -> dict | No
   state, summary = grid_train.train_group(group, directory, mesh, data=data,
                                           stop_at_step=stop_at_step, progress=progress)
   jax.block_until_ready(state)
-  t2 = time.perf_counter()
   if not summary["finished"]:
     return None
-  scored = grid_eval.evaluate_group(group, state, data, mesh, progress=progress)
+  bg = bg_summary = None
+  if group.config.background.enabled:  # the likelihood ratio's models, vmapped too
+    bg_group = grid_train.background_group(group)
+    bg_data = grid_train.load_data(bg_group, cache, with_test=False)
+    bg_state, bg_summary = grid_train.train_group(
+        bg_group, os.path.join(directory, background.SUBDIR), mesh, data=bg_data,
+        progress=progress)
+    bg = (bg_group, bg_state)
+  t2b = time.perf_counter()
+  scored = grid_eval.evaluate_group(group, state, data, mesh, progress=progress,
+                                    background_model=bg)
   t3 = time.perf_counter()
   members = [{**s, **r, "values": grid_axes.jsonable({**group.values, **m.values})}
              for m, s, r in zip(group.members, summary["members"], scored)]
+  if bg_summary is not None:
+    for m, b in zip(members, bg_summary["members"]):
+      m["background"] = {k: v for k, v in b.items() if k != "member"}
   record = {"name": group.name, "values": grid_axes.jsonable(group.values),
-            "members": members, "data_s": t1 - t0, "train_s": t2 - t1, "eval_s": t3 - t2,
+            "members": members, "data_s": t1 - t0, "train_s": t2b - t1, "eval_s": t3 - t2b,
             "trained_images": int(sum(m["steps"] for m in members) * group.config.train.batch_size)}
   files.write_json(os.path.join(workdir, "groups", f"{group.name}.json"), record)
   if not group.config.get("grid", {}).get("keep_checkpoints", False):

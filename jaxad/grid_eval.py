@@ -1,7 +1,9 @@
 """Scores every member of a trained grid group on the test split, vmapped over members.
 
 Sample-wise: the six `sample.SAMPLE_SCORES` of every test image with L =
-eval.num_samples, batch `b`'s key `fold_in(purpose_key(seed, EVAL), b)` as in the eval
+eval.num_samples (and the complexity-corrected and likelihood-ratio scores derived from
+them, `evaluation.likelihood_derived`; the test images are coded once, on host threads
+while the device scores), batch `b`'s key `fold_in(purpose_key(seed, EVAL), b)` as in the eval
 binary, so a member's numbers are what `jaxad.evaluate` reports for its config; AUROC
 and AUPRC of the member's anomalous classes (its left-out class) against its normal
 ones. Pixel-wise, when the split has masks or data.synthetic_lesions.enabled: the
@@ -21,13 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxad import compile_options, metrics, trainer
-from jaxad.evaluation import EVAL, HEALTHY, pixel_range  # the eval binary's rules
+from jaxad.evaluation import EVAL, HEALTHY, likelihood_derived, pixel_range  # the eval
+# binary's rules
 from jaxad.data import lesions as lesions_lib
 from jaxad.errors import DataError
+from jaxad.families import vae as vae_family
 from jaxad.grid_axes import Group
 from jaxad.grid_train import GridState, GroupData, Layout, group_setup, member_family
 from jaxad.grid_train import member_split, padded_batches
-from jaxad.scores import pixel, sample
+from jaxad.scores import complexity, pixel, sample
 
 log = logging.getLogger("jaxad")
 
@@ -107,27 +111,17 @@ def _ranking(labels, values) -> dict:
     return {"auroc": None, "auprc": None, "error": str(e)}
 
 
-def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
-                   progress: bool = True) -> list[dict]:
-  """Per member: {"sample": {score: {auroc, auprc}}, "pixel": {map: ...}, counts}."""
-  config = group.config
-  e = config.eval
-  k = len(group.members)
-  batch = int(e.batch_size)
-  layout = Layout.make(mesh, k, batch)
-  model, kind, _ = group_setup(group, data.shape)
-  betas = layout.put(jnp.asarray([m.config.model.beta for m in group.members], jnp.float32))
-  seeds = layout.put(jnp.asarray([m.config.seed for m in group.members], jnp.int32))
-  splits = [member_split(data.test_split, m.config.data, "test") for m in group.members]
-  diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
-  results = [{"diverged": bool(d)} for d in diverged]
-  test = data.test
-  n = len(test["image"])
+def betas_of(group: Group, layout: Layout) -> jax.Array:
+  return layout.put(jnp.asarray([m.config.model.beta for m in group.members], jnp.float32))
 
-  # Sample-wise: every test image, the member's own anomalous classes.
+
+def _sample_scores(model, kind, group, state, images, layout, betas, seeds, progress,
+                   desc) -> dict[str, np.ndarray]:
+  """{score: (K, N)}: every member's `sample.SAMPLE_SCORES` of every image."""
+  e, k, n = group.config.eval, len(group.members), len(images)
   score_fn = make_score_fn(model, kind, int(e.num_samples), 0.0, maps=False,
                            layout=layout)
-  dev_images = layout.put(jnp.asarray(test["image"]), layout.replicated)
+  dev_images = layout.put(jnp.asarray(images), layout.replicated)
   scores = {name: np.zeros((k, n)) for name in sample.SAMPLE_SCORES}
 
   def keep_scores(idx, valid, out):
@@ -135,14 +129,73 @@ def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
       for name in scores:
         scores[name][j, idx[j][valid[j]]] = out[name][j][valid[j]]
 
-  _run(score_fn, state, dev_images, [np.arange(n)] * k, batch, betas, seeds, layout,
-       progress, f"{group.name} scores", keep_scores)
+  _run(score_fn, state, dev_images, [np.arange(n)] * k, int(e.batch_size), betas, seeds,
+       layout, progress, desc, keep_scores)
+  return scores
+
+
+def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
+                   progress: bool = True, background_model=None) -> list[dict]:
+  """Per member: {"sample": {score: {auroc, auprc}}, "pixel": {map: ...}, counts}.
+
+  Sample scores include the complexity-corrected ones (eval.complexity) and, with
+  `background_model` = (its group, its trained state), the likelihood ratios, as the
+  eval binary computes them (`evaluation.likelihood_derived`).
+  """
+  config = group.config
+  e = config.eval
+  k = len(group.members)
+  batch = int(e.batch_size)
+  layout = Layout.make(mesh, k, batch)
+  model, kind, _ = group_setup(group, data.shape)
+  betas = betas_of(group, layout)
+  seeds = layout.put(jnp.asarray([m.config.seed for m in group.members], jnp.int32))
+  splits = [member_split(data.test_split, m.config.data, "test") for m in group.members]
+  diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
+  results = [{"diverged": bool(d)} for d in diverged]
+  test = data.test
+  n = len(test["image"])
+
+  # Sample-wise: every test image, the member's own anomalous classes; the coder codes
+  # the test images on host threads meanwhile.
+  coder = complexity.ComplexityPool(int(config.data.bit_depth)) if e.complexity else None
+  coded = coder.submit(test["image"]) if coder else None
+  scores = _sample_scores(model, kind, group, state, test["image"], layout, betas, seeds,
+                          progress, f"{group.name} scores")
+  bg_scores = None
+  if background_model is not None:
+    bg_group, bg_state = background_model
+    bg_model, bg_kind, _ = group_setup(bg_group, data.shape)
+    bg_scores = _sample_scores(bg_model, bg_kind, bg_group, bg_state, test["image"], layout,
+                               betas_of(bg_group, layout), seeds, progress,
+                               f"{bg_group.name} scores")
+    bg_diverged = np.asarray(jax.device_get(bg_state.diverged)).astype(bool)
+  lengths = None
+  if coder:
+    lengths = coded.result()
+    coder.close()
+  num_dims = int(np.prod(data.shape))
   for j, split in enumerate(splits):
     labels = split.anomalous
     results[j].update(num_test=n, num_anomalous=int(labels.sum()))
     if diverged[j] or not 0 < labels.sum() < n:
       continue
-    results[j]["sample"] = {name: _ranking(labels, scores[name][j]) for name in scores}
+    beta = float(group.members[j].config.model.beta)
+    with_bg = {}
+    if bg_scores is not None and not bg_diverged[j]:
+      with_bg = dict(
+          background_family=member_family(
+              bg_model, bg_kind, float(bg_group.members[j].config.model.beta)),
+          background_scores={name: v[j] for name, v in bg_scores.items()})
+    own = likelihood_derived(member_family(model, kind, beta),
+                             {name: v[j] for name, v in scores.items()}, num_dims,
+                             int(config.data.bit_depth), lengths=lengths, **with_bg)
+    results[j]["sample"] = {name: _ranking(labels, v) for name, v in own.items()}
+    if bg_scores is not None and not with_bg:
+      results[j]["sample"].update({
+          f"{name}_llr": {"auroc": None, "auprc": None,
+                          "error": "its background model diverged"}
+          for name in vae_family.VAE.likelihood_scores})
 
   # Pixel-wise: masks of the split, or synthetic lesions in normal test images.
   lesion_cfg = config.data.synthetic_lesions

@@ -15,6 +15,7 @@ import html
 import io
 import os
 
+import matplotlib
 from matplotlib.figure import Figure
 import numpy as np
 
@@ -23,7 +24,16 @@ from jaxad.grid_axes import short
 from jaxad.scores import pixel, sample
 
 FIGURES = "figures"
-KINDS = {"sample": sample.SAMPLE_SCORES, "pixel": pixel.PIXEL_MAPS}
+KINDS = {"sample": sample.SAMPLE_SCORES, "pixel": pixel.PIXEL_MAPS}  # listed first
+
+
+def score_names(results: dict, kind: str) -> list[str]:
+  """The scores of `kind` any member has: KINDS' own, then the derived ones (complexity,
+  likelihood ratio) in the order members list them."""
+  names = list(KINDS[kind])
+  for m in _members(results):
+    names += [n for n in m.get(kind, {}) if n not in names]
+  return names
 
 
 def rows(results: dict) -> list[dict]:
@@ -31,8 +41,8 @@ def rows(results: dict) -> list[dict]:
   out = []
   for g in results["groups"]:
     for m in g["members"]:
-      for kind, names in KINDS.items():
-        for name in names:
+      for kind in KINDS:
+        for name in score_names(results, kind):
           r = m.get(kind, {}).get(name)
           if r is None:
             continue
@@ -86,15 +96,16 @@ def _panel(ax, results, axis, kind) -> bool:
   """Draws every score of `kind` against `axis`; False if no member has one."""
   drawn = False
   positions = np.arange(len(results["axes"][axis]))
-  for i, name in enumerate(KINDS[kind]):
+  colours = matplotlib.colormaps["tab20"]
+  for i, name in enumerate(score_names(results, kind)):
     summary = axis_summary(results, axis, kind, name)
     mean = np.array([np.nan if s["mean"] is None else s["mean"] for s in summary])
     if not np.isfinite(mean).any():
       continue
     lo = np.array([np.nan if s["min"] is None else s["min"] for s in summary])
     hi = np.array([np.nan if s["max"] is None else s["max"] for s in summary])
-    ax.plot(positions, mean, marker="o", color=f"C{i}", lw=1.8, label=name)
-    ax.fill_between(positions, lo, hi, color=f"C{i}", alpha=0.15, lw=0)
+    ax.plot(positions, mean, marker="o", color=colours(i % 20), lw=1.8, label=name)
+    ax.fill_between(positions, lo, hi, color=colours(i % 20), alpha=0.15, lw=0)
     drawn = True
   ax.axhline(0.5, ls=":", color="0.5", lw=1)
   ax.set_xticks(positions, [short(v) for v in results["axes"][axis]])
@@ -141,7 +152,7 @@ def write_html(path: str, results: dict, figures: list[tuple[str, str]]) -> None
   for link, caption in figures:
     parts.append(f"<figure><img src='{e(link)}'><figcaption>{e(caption)}</figcaption>"
                  "</figure>")
-  names = [(k, n) for k, ns in KINDS.items() for n in ns]
+  names = [(k, n) for k in KINDS for n in score_names(results, k)]
   parts.append("<h2>Mean AUROC per group</h2><table><tr><th>group</th><th>values</th>"
                "<th>members</th>" + "".join(f"<th>{e(n)}</th>" for _, n in names) + "</tr>")
   for g in results["groups"]:

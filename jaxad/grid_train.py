@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxad import checkpoint, compile_options, families, parallel, trainer
+from jaxad import background, checkpoint, compile_options, families, parallel, trainer
 from jaxad import config as config_lib
 from jaxad.data import pipeline
 from jaxad.errors import ConfigError, DataError
@@ -236,15 +236,22 @@ def init_state(model, tx, shape, seeds, lrs, layout: Layout) -> GridState:
 
 
 @functools.lru_cache(maxsize=16)
-def make_train_step(model, kind: str, tx, layout: Layout):
+def make_train_step(model, kind: str, tx, layout: Layout,
+                    mutation: tuple[float, int] = (0.0, 8)):
   """jit(vmap(member step)): (state, images (N, ...), idx (K, B), betas, seeds, active).
 
   Member k trains on images[idx[k]] with β = betas[k] and keys from seeds[k]; members
   with active[k] False, or whose loss or gradient is not finite, keep their state.
+  `mutation` = (rate, bit_depth) perturbs the inputs first, with the trainer's keys
+  (a background model's step).
   """
 
   def member(state: GridState, images, beta, seed, active):
     rng = jax.random.fold_in(trainer.purpose_key(seed, trainer.TRAIN), state.step)
+    if mutation[0]:
+      images = background.mutate(
+          images, jax.random.fold_in(trainer.purpose_key(seed, trainer.MUTATION),
+                                     state.step), *mutation)
     params, model_state, opt_state, metrics = families.gradient_update(
         member_family(model, kind, beta), tx, state.params, state.model_state,
         state.opt_state, images, rng)
@@ -283,6 +290,15 @@ def make_val_step(model, kind: str, layout: Layout):
       layout.per_member(step, (True, False, True, True, True, True, False)))
 
 
+def background_group(group: Group) -> Group:
+  """The group of the members' background models (`background.background_config` of
+  each member's config): same members and axis values, smaller, mutated inputs."""
+  members = tuple(dataclasses.replace(m, config=background.background_config(m.config))
+                  for m in group.members)
+  return dataclasses.replace(group, name=f"{group.name}_{background.SUBDIR}",
+                             members=members)
+
+
 # ---------------------------------------------------------------- the group's loop
 
 
@@ -292,19 +308,20 @@ class GroupData:
   shape: tuple[int, ...]
   train: dict
   val: dict | None
-  test: dict
-  test_split: pipeline.Split  # member 0's classes; members re-label via member_split
+  test: dict | None
+  test_split: pipeline.Split | None  # member 0's classes; members re-label via member_split
   train_splits: list
   val_splits: list | None
 
 
-def load_data(group: Group, cache: dict | None = None) -> GroupData:
-  """Reads and preprocesses the group's splits (cached by data config in `cache`)."""
+def load_data(group: Group, cache: dict | None = None, with_test: bool = True) -> GroupData:
+  """Reads and preprocesses the group's splits (cached by data config in `cache`);
+  without the test split (None) for a model that is only trained on them."""
   config = group.config
   cache = {} if cache is None else cache
   base_train = pipeline.load_split(config.data, "train")
   base_val = pipeline.load_split(config.data, "val")
-  test = pipeline.load_split(config.data, "test")
+  test = pipeline.load_split(config.data, "test") if with_test else None
   shape = trainer.image_shape(config, base_train.source.spatial_ndim)
   key = json.dumps(config_lib.to_dict(config)["data"], sort_keys=True)
 
@@ -320,7 +337,7 @@ def load_data(group: Group, cache: dict | None = None) -> GroupData:
                                         for m in group.members]
   return GroupData(shape, arrays("train", base_train),
                    None if base_val is None else arrays("val", base_val),
-                   arrays("test", test), test, trains, vals)
+                   arrays("test", test) if with_test else None, test, trains, vals)
 
 
 def _member_values(group: Group, get) -> np.ndarray:
@@ -420,7 +437,8 @@ def train_group(group: Group, directory: str, mesh, *, data: GroupData | None = 
     log.info("%s: resumed at step %d", group.name, start)
   limit = float(config.grid.max_device_data_mb) if "grid" in config else 2048.0
   dev_train = _put_images(data.train["image"], layout, limit)
-  train_step = make_train_step(model, kind, tx, layout)
+  train_step = make_train_step(model, kind, tx, layout, (float(t.mutation_rate),
+                                                        int(config.data.bit_depth)))
   if needs_val:
     val_step = make_val_step(model, kind, layout)
     dev_val = _put_images(data.val["image"], layout, limit)

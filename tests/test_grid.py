@@ -112,9 +112,11 @@ def test_grid_writes_one_row_per_member_and_score(full_grid):
     table = list(csv.DictReader(f))
   assert list(table[0]) == ["group", "member", "seed", "latent_dim", "score", "kind",
                             "auroc", "auprc"]
-  # 4 members × (6 sample scores + 5 pixel maps), each once.
+  # 4 members × (6 sample scores + 2 code lengths + 4 complexity-corrected scores
+  # + 5 pixel maps), each once.
   keys = {(r["group"], r["member"], r["score"]) for r in table}
-  assert len(table) == len(keys) == 4 * 11 == results["num_rows"]
+  assert len(table) == len(keys) == 4 * 17 == results["num_rows"]
+  assert {"vae_complexity", "iwae_complexity_png", "jpegxl_bpd"} <= {r["score"] for r in table}
   assert {r["kind"] for r in table} == {"sample", "pixel"}
   assert all(0.0 <= float(r["auroc"]) <= 1.0 for r in table)
   saved = json.load(open(os.path.join(workdir, "grid.json")))
@@ -209,3 +211,25 @@ def test_grid_pixel_range_is_the_eval_binarys_and_counts_clipped_pixels(
       reference = metrics.PixelCurve(c.eval.pixel_bins, (0.0, hi))
       reference.update(values, masks[normal][..., 0])
       assert got["auroc"] == pytest.approx(reference.auroc(), abs=1e-3), name
+
+
+def test_grid_trains_background_models_and_scores_as_the_eval_binary(make_config, tmp_path):
+  """Each member's background model (Ren et al.) is trained in the same vmapped way;
+  its likelihood ratio and the complexity scores are the eval binary's numbers."""
+  config = _grid_config(make_config, {"seed": (0, 1)}, **{
+      "train.num_steps": 6, "eval.batch_size": 16, "eval.num_samples": 2,
+      "eval.pixel_maps": False, "eval.bootstrap": 0, "background.enabled": True})
+  results = grid.run_grid(config, str(tmp_path / "grid"), progress=False)
+  members = results["groups"][0]["members"]
+  assert [m["background"]["steps"] for m in members] == [6, 6]
+  (group,) = grid_axes.plan(config)
+  member = group.members[1]
+  alone = str(tmp_path / "alone")
+  trainer.train_and_evaluate(member.config, alone, devices=jax.devices()[:1])
+  single = evaluation.evaluate(alone, config=member.config, devices=jax.devices()[:1])
+  got = members[1]["sample"]
+  for name in ("vae", "vae_llr", "iwae_llr", "vae_complexity", "iwae_complexity_png"):
+    assert got[name]["auroc"] == pytest.approx(single["sample"][name]["all"]["auroc"],
+                                               abs=0.02), name
+  # The ratio is not the model's own score: the background model changes the ranking.
+  assert got["vae_llr"]["auroc"] != got["vae"]["auroc"]
