@@ -17,6 +17,16 @@ step is not one gradient of one loss (the GAN's alternating updates) also define
   train_update(tx, params, state, opt_state, x, rng)
                                         → (params, state, opt_state, metrics with "loss")
 
+A family with a likelihood (the VAE; the score model with prob_flow on) names its
+`likelihood_scores` (sample scores that bound or estimate −log p(x)) and defines
+
+  likelihood_bpd(scores, num_dims, bit_depth)
+                                        → {likelihood score: bits per dimension of the
+                                          image quantised to bit_depth bits}
+
+from which the eval binary and the grid derive the complexity-corrected scores (Serrà
+et al.) and the background model's likelihood ratio (Ren et al.).
+
 The trainer and the eval binary only ever call these, so a new family is one new module
 here.
 """
