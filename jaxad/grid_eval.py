@@ -2,8 +2,8 @@
 
 Sample-wise: the six `sample.SAMPLE_SCORES` of every test image with L =
 eval.num_samples (and the complexity-corrected and likelihood-ratio scores derived from
-them, `evaluation.likelihood_derived`; the test images are coded once, on host threads
-while the device scores), batch `b`'s key `fold_in(purpose_key(seed, EVAL), b)` as in the eval
+them, `evaluation.likelihood_derived`; the test images are coded once per data config,
+on host threads from when `grid_train.load_data` reads them), batch `b`'s key `fold_in(purpose_key(seed, EVAL), b)` as in the eval
 binary, so a member's numbers are what `jaxad.evaluate` reports for its config; AUROC
 and AUPRC of the member's anomalous classes (its left-out class) against its normal
 ones. Pixel-wise, when the split has masks or data.synthetic_lesions.enabled: the
@@ -31,7 +31,7 @@ from jaxad.families import vae as vae_family
 from jaxad.grid_axes import Group
 from jaxad.grid_train import GridState, GroupData, Layout, group_setup, member_family
 from jaxad.grid_train import member_split, padded_batches
-from jaxad.scores import complexity, pixel, sample
+from jaxad.scores import pixel, sample
 
 log = logging.getLogger("jaxad")
 
@@ -156,10 +156,8 @@ def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
   test = data.test
   n = len(test["image"])
 
-  # Sample-wise: every test image, the member's own anomalous classes; the coder codes
-  # the test images on host threads meanwhile.
-  coder = complexity.ComplexityPool(int(config.data.bit_depth)) if e.complexity else None
-  coded = coder.submit(test["image"]) if coder else None
+  # Sample-wise: every test image, the member's own anomalous classes (the test images'
+  # code lengths were submitted to host threads when the data was loaded).
   scores = _sample_scores(model, kind, group, state, test["image"], layout, betas, seeds,
                           progress, f"{group.name} scores")
   bg_scores = None
@@ -170,10 +168,7 @@ def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
                                betas_of(bg_group, layout), seeds, progress,
                                f"{bg_group.name} scores")
     bg_diverged = np.asarray(jax.device_get(bg_state.diverged)).astype(bool)
-  lengths = None
-  if coder:
-    lengths = coded.result()
-    coder.close()
+  lengths = data.test_lengths.result() if data.test_lengths is not None else None
   num_dims = int(np.prod(data.shape))
   for j, split in enumerate(splits):
     labels = split.anomalous

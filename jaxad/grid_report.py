@@ -38,11 +38,11 @@ def score_names(results: dict, kind: str) -> list[str]:
 
 def rows(results: dict) -> list[dict]:
   """One dict per member and score (the CSV rows), in group, member, score order."""
-  out = []
+  out, names = [], {kind: score_names(results, kind) for kind in KINDS}
   for g in results["groups"]:
     for m in g["members"]:
       for kind in KINDS:
-        for name in score_names(results, kind):
+        for name in names[kind]:
           r = m.get(kind, {}).get(name)
           if r is None:
             continue

@@ -38,6 +38,7 @@ from jaxad.families import vae as vae_family
 from jaxad.grid_axes import Group
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as likelihood_lib
+from jaxad.scores import complexity
 
 log = logging.getLogger("jaxad")
 
@@ -312,6 +313,7 @@ class GroupData:
   test_split: pipeline.Split | None  # member 0's classes; members re-label via member_split
   train_splits: list
   val_splits: list | None
+  test_lengths: Any = None  # future of complexity.lengths(test images) (eval.complexity)
 
 
 def load_data(group: Group, cache: dict | None = None, with_test: bool = True) -> GroupData:
@@ -332,12 +334,21 @@ def load_data(group: Group, cache: dict | None = None, with_test: bool = True) -
       cache[(key, role)] = preprocess(split, config.data)
     return cache[(key, role)]
 
+  lengths = None
+  if with_test and config.eval.complexity:  # coded once per data, while the group trains
+    bits = int(config.data.bit_depth)
+    if (key, "lengths", bits) not in cache:
+      pool = complexity.ComplexityPool(bits)
+      cache[(key, "lengths", bits)] = pool.submit(arrays("test", test)["image"])
+      pool.close(wait=False)
+    lengths = cache[(key, "lengths", bits)]
   trains = [member_split(base_train, m.config.data, "train") for m in group.members]
   vals = None if base_val is None else [member_split(base_val, m.config.data, "val")
                                         for m in group.members]
   return GroupData(shape, arrays("train", base_train),
                    None if base_val is None else arrays("val", base_val),
-                   arrays("test", test) if with_test else None, test, trains, vals)
+                   arrays("test", test) if with_test else None, test, trains, vals,
+                   lengths)
 
 
 def _member_values(group: Group, get) -> np.ndarray:

@@ -233,3 +233,17 @@ def test_grid_trains_background_models_and_scores_as_the_eval_binary(make_config
                                                abs=0.02), name
   # The ratio is not the model's own score: the background model changes the ranking.
   assert got["vae_llr"]["auroc"] != got["vae"]["auroc"]
+
+
+def test_test_images_are_coded_once_per_data_config(make_config):
+  from jaxad.scores import complexity
+  config = _grid_config(make_config, {"latent_dim": (2, 4)})
+  first, second = grid_axes.plan(config)
+  cache = {}
+  a, b = grid_train.load_data(first, cache), grid_train.load_data(second, cache)
+  assert a.test_lengths is b.test_lengths  # one coding for both groups
+  want = complexity.lengths(a.test["image"], int(config.data.bit_depth))
+  for k, v in a.test_lengths.result().items():
+    np.testing.assert_array_equal(v, want[k])
+  config.eval.complexity = False
+  assert grid_train.load_data(grid_axes.plan(config)[0]).test_lengths is None

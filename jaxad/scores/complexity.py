@@ -147,8 +147,9 @@ class ComplexityPool:
               if len(part)]
     return _Joined(chunks)
 
-  def close(self) -> None:
-    self._pool.shutdown(wait=True)
+  def close(self, wait: bool = True) -> None:
+    """Frees the threads; with wait=False once the work already submitted is done."""
+    self._pool.shutdown(wait=wait)
 
   def __enter__(self):
     return self
