@@ -1,0 +1,144 @@
+"""The `Source` every loader returns, and the split and class helpers loaders share.
+
+A split is metadata in memory (labels, ids, groups) plus a reader that decodes one
+example on demand. Split names, held-out validation examples and configured classes
+are resolved here, once, so every source treats them the same way.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from jaxad.data import splits
+from jaxad.errors import ConfigError, DataError
+
+ROLES = ("train", "val", "test")
+VAL_SEED = 0  # the held-out validation set never depends on the training seed
+
+Reader = Callable[[int], tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One split of a dataset: metadata in memory, pixels read on demand."""
+  name: str  # human-readable, e.g. "npz:/data/x.npz[test]"
+  class_names: tuple[str, ...]  # label i means class_names[i]
+  labels: np.ndarray  # int32 [N]
+  ids: np.ndarray  # str [N]: file path relative to the split root, or f"{split}/{i}"
+  groups: np.ndarray | None  # str [N] (patient / subject id) or None
+  has_masks: bool
+  spatial_ndim: int  # 2 for images, 3 for volumes
+  reader: Reader  # i -> (image, mask or None), see the package docstring
+  from_files: bool = False  # one file per example (folder, nifti, csv): data.check_files
+
+  def __post_init__(self):
+    n = len(self.labels)
+    groups = n if self.groups is None else len(self.groups)
+    if len(self.ids) != n or groups != n:
+      raise DataError(f"{self.name}: {n} labels, {len(self.ids)} ids and {groups} "
+                      "groups: every example needs one of each")
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns (image, mask) of example `i`; any failure is a DataError naming it."""
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise DataError(f"example index {i} is out of range for {self.name} "
+                      f"({len(self)} examples)")
+    try:
+      image, mask = self.reader(i)
+    except (DataError, ConfigError):
+      raise
+    except Exception as e:  # a reader bug or an odd file: name the example
+      raise DataError(f"cannot read example {i} ({self.ids[i]}) of {self.name}: "
+                      f"{type(e).__name__}: {e}") from None
+    if image.ndim != self.spatial_ndim + 1:
+      raise DataError(f"example {i} ({self.ids[i]}) of {self.name} has shape "
+                      f"{image.shape}, expected {self.spatial_ndim} spatial axes and "
+                      "one channel axis: check the file")
+    return image, mask
+
+  def subset(self, indices, name: str | None = None) -> "Source":
+    """The selected rows (same class_names); the reader maps new indices to old."""
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+      raise DataError(f"subset indices must lie in [0, {len(self)}) for {self.name}")
+    reader = self.reader
+    return dataclasses.replace(
+        self, name=name or self.name, labels=self.labels[indices], ids=self.ids[indices],
+        groups=None if self.groups is None else self.groups[indices],
+        reader=lambda j: reader(int(indices[j])))
+
+
+def held_out_indices(n: int, fraction: float, name: str = "the train split",
+                     groups=None) -> np.ndarray:
+  """The sorted indices of the validation examples held out of an n-example split.
+
+  With `groups` (patient ids) whole patients are held out (`splits.held_out`), so no
+  patient has images on both sides.
+  """
+  if not 0 < fraction < 1:
+    raise ConfigError(f"data.val_fraction={fraction} must be in (0, 1)")
+  k = max(1, int(round(n * fraction)))
+  if k >= n and groups is None:
+    raise DataError(f"{name} has {n} examples: holding out data.val_fraction="
+                    f"{fraction} for validation leaves none to train on; lower "
+                    "data.val_fraction or set data.val_split")
+  return splits.held_out(n, fraction, VAL_SEED, groups)
+
+
+def resolve_classes(source: Source, classes) -> np.ndarray:
+  """Class names (str) or indices (int) → int32 labels, checked against the source."""
+  if isinstance(classes, (str, int, np.integer)):
+    classes = (classes,)
+  names = list(source.class_names)
+  labels = []
+  for c in classes:
+    if isinstance(c, str) and c in names:
+      labels.append(names.index(c))
+    elif (isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+          and 0 <= c < len(names)):
+      labels.append(int(c))
+    else:
+      raise ConfigError(f"unknown class {c!r} for {source.name}: valid class names are "
+                        f"{names} (or indices 0..{len(names) - 1}); check "
+                        "data.normal_classes / data.anomalous_classes")
+  return np.asarray(labels, np.int32)
+
+
+def config_splits(data, split: str) -> list[str]:
+  """`split` and the split names the config uses (for class names shared by splits)."""
+  names = [split] + [data.get(f"{r}_split", "") for r in ROLES]
+  return list(dict.fromkeys(n for n in names if n))
+
+
+def split_hint(key: str) -> str:
+  """What to check when the split `key` (e.g. 'data.val_split') names is missing."""
+  hint = f"check {key}"
+  if key == "data.val_split":
+    hint += (", or set data.val_split='' and data.val_fraction > 0 to hold out part "
+             "of the train split")
+  return hint
+
+
+def fill_split(template: str, split: str) -> str:
+  """`template` with '{split}' replaced by the split name."""
+  return template.replace("{split}", split)
+
+
+def example_ids(split: str, n: int) -> np.ndarray:
+  """Ids of in-memory examples: f"{split}/{i}"."""
+  return np.asarray([f"{split}/{i}" for i in range(n)], dtype=str)
+
+
+def str_array(values: Sequence[str]) -> np.ndarray:
+  return np.asarray(list(values), dtype=str) if len(values) else np.zeros(0, dtype=str)
+
+
+def first_line(e: Exception) -> str:
+  """The first line of an exception's message (its type name when empty)."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__

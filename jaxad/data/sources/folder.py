@@ -1,0 +1,30 @@
+"""The folder source: image folders in the Kermany OCT2017 layout, ROOT/<split>/<class>/.
+
+Class names are the sorted class folders of every split the config names, so a label
+means the same class in each split. When ROOT/<split>/masks/ exists, masks are read
+from masks/<class>/<image stem>.<ext>, and an image without one gets an all-zero mask
+(a healthy image has no lesion).
+"""
+
+import os
+
+from jaxad.data.sources import base, pixels, walk
+
+LAYOUT = walk.Layout(
+    root_name="image folder", items="images",
+    looked_for=", ".join("*" + e for e in pixels.IMAGE_EXTS),
+    matches=lambda f: os.path.splitext(f)[1].lower() in pixels.IMAGE_EXTS,
+    stem=lambda f: os.path.splitext(f)[0], list_splits=True)
+
+
+def load(data, split: str, key: str) -> base.Source:
+  """ROOT/<split>/<class>/*.{png,jpg,tif,...} as 2D images, ROOT = data.path."""
+  root = data.get("path", "")
+  found = walk.find(data, split, key, LAYOUT)
+  return base.Source(
+      name=f"folder:{root}[{split}]", class_names=found.class_names,
+      labels=found.labels, ids=base.str_array(found.ids), groups=None,
+      has_masks=found.mask_paths is not None, spatial_ndim=2,
+      reader=pixels.file_reader(found.paths, found.mask_paths, pixels.decode_image,
+                                pixels.read_mask),
+      from_files=True)
