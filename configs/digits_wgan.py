@@ -10,7 +10,7 @@ search like configs/digits_gan.py:
 
 import os
 
-from jaxad import grid_axes
+from jaxad.grid import axes as grid_axes
 
 
 def get_config():

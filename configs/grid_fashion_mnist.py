@@ -39,7 +39,7 @@ import os
 
 import ml_collections
 
-from jaxad import grid_axes
+from jaxad.grid import axes as grid_axes
 
 
 def get_config():

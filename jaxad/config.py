@@ -1,4 +1,5 @@
-"""Config checks at the edge, durations, and the resolved config saved in the workdir.
+"""Config checks at the edge, durations, and the resolved config saved in the workdir
+(`load_workdir_config` reads it back on top of today's defaults).
 
 Everything here runs before any data is read or anything compiles, so a bad value
 fails in a second with a message that names the key and the fix.
@@ -6,12 +7,14 @@ fails in a second with a message that names the key and the fix.
 
 import json
 import math
+import os
 
 import ml_collections
 
+from jaxad import defaults, files
+from jaxad.data.sources.registry import NAMES as SOURCES
 from jaxad.errors import CheckpointError, ConfigError
 
-SOURCES = ("tfds", "folder", "nifti", "csv", "npz", "digits", "synthetic")
 MODEL_NAMES = {"vae": ("conv_vae", "mlp_vae"), "score": ("unet",),
                "gan": ("dcgan", "wgan_gp")}
 # Keys whose change makes an existing checkpoint unusable (parameter shapes, data shapes).
@@ -180,3 +183,24 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: st
         f"the checkpoint in {workdir} was trained with a different model, image shape "
         f"or optimiser state ("
         + "; ".join(diffs) + "): use a new --workdir, or the workdir's config.json")
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if key not in config:
+      continue  # a key this version no longer has
+    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      _merge(config[key], value)
+    else:
+      config[key] = tuple(value) if isinstance(value, list) else value
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The workdir's resolved config on top of today's defaults (new keys keep defaults)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} not found: {workdir} is not a training workdir "
+                          "(train first: python -m jaxad.train --workdir=...)")
+  config = defaults.get_config()
+  _merge(config, files.read_json(path))
+  return config

@@ -14,11 +14,10 @@ batch and process 0 writes the files.
 import os
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from ml_collections import config_flags
 
-from jaxad import parallel
+from jaxad import cli, parallel
 
 flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string("split", "test", "Which split to evaluate: train, val or test.")
@@ -37,31 +36,31 @@ def _workdir_from_argv(argv) -> str | None:
 
 
 def _define_config_flag(argv) -> None:
-  """`--config.*` overrides apply to the workdir's own config, so load it first."""
-  from jaxad import evaluation
-  from jaxad.errors import CheckpointError
+  """`--config.*` overrides apply to the workdir's own config, so load it first.
+
+  Help needs no workdir: it lists the flag over the default config.
+  """
   workdir = _workdir_from_argv(argv)
   if workdir is None:
-    sys.exit("error: --workdir is required (a folder made by python -m jaxad.train)")
-  try:
-    config = evaluation.load_config(workdir)
-  except CheckpointError as e:
-    sys.exit(f"error: {e}")
-  config_flags.DEFINE_config_dict("config", config, lock_config=True)
+    if not cli.help_requested(argv):
+      sys.exit("error: --workdir is required (a folder made by python -m jaxad.train)")
+    from jaxad import defaults
+    config = defaults.get_config()
+  else:
+    from jaxad import config as config_lib
+    with cli.exit_on_error():
+      config = config_lib.load_workdir_config(workdir)
+  config_flags.DEFINE_config_dict(
+      "config", config, "The workdir's config; override a value with --config.a.b=value.",
+      lock_config=True)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.check_no_args(argv)
   from jaxad import evaluation
-  from jaxad.errors import CheckpointError, ConfigError, DataError
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
-    parallel.initialize_from_flags()
+  with cli.session():
     result = evaluation.evaluate(FLAGS.workdir, split=FLAGS.split, input_path=FLAGS.input,
                                  config=FLAGS.config)
-  except (ConfigError, DataError, CheckpointError) as e:
-    sys.exit(f"error: {e}")
   if not parallel.is_main_process():
     return
   print(evaluation.headline_table(result))
@@ -70,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_config_flag(sys.argv)
-  app.run(main)
+  cli.run(main)

@@ -3,10 +3,12 @@
 Each writer writes a temporary file in the destination folder and renames it over the
 target (`os.replace` is atomic on POSIX), so an interrupted run leaves the old file.
 JSON is strict: NaN and ±inf, which JSON cannot express, are written as null.
+`log_to_file` keeps a plain-text log of the "jaxad" logger in a workdir.
 """
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -57,3 +59,14 @@ def finite_or_none(obj):
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)
+
+
+def log_to_file(workdir: str, filename: str = "train.log") -> None:
+  """Adds WORKDIR/filename as a plain-text log of the "jaxad" logger (once per path)."""
+  log = logging.getLogger("jaxad")
+  log.setLevel(logging.INFO)
+  path = os.path.join(os.path.abspath(workdir), filename)
+  if not any(getattr(h, "baseFilename", None) == path for h in log.handlers):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)

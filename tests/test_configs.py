@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxad import config as config_lib
+from jaxad import state as state_lib
 from jaxad import trainer
 from jaxad.errors import ConfigError
 
@@ -33,8 +34,8 @@ def test_config_validates_and_builds(path):
     config.data.path = "/data/placeholder"
   config_lib.validate(config)
   ndim = 3 if config.data.source == "nifti" or config.data.ndim == 3 else 2
-  family, _ = trainer.build(config, spatial_ndim=ndim)
-  shape = trainer.image_shape(config, ndim)
+  family, _ = state_lib.build(config, spatial_ndim=ndim)
+  shape = state_lib.image_shape(config, ndim)
   variables = jax.eval_shape(functools.partial(family.init, shape=shape), jax.random.key(0))
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])) > 0
 
@@ -42,8 +43,8 @@ def test_config_validates_and_builds(path):
 def test_paper_models_have_the_reference_parameter_counts():
   def count(name):
     config = load(os.path.join(ROOT, "configs", name)).get_config()
-    family, _ = trainer.build(config, 2)
-    v = jax.eval_shape(functools.partial(family.init, shape=trainer.image_shape(config, 2)),
+    family, _ = state_lib.build(config, 2)
+    v = jax.eval_shape(functools.partial(family.init, shape=state_lib.image_shape(config, 2)),
                        jax.random.key(0))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v["params"]))
   assert count("isic_vae.py") == 12_951_003  # 128×128×3, latent 300 (Lu & Xu)

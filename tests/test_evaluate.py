@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad import evaluation, files, grid_eval, grid_train, metrics, trainer
+from jaxad import evaluation, files, metrics, scoring, trainer
+from jaxad.grid import data as grid_data
+from jaxad.grid import evaluate as grid_eval
 from jaxad.data import lesions, pipeline
 from jaxad.errors import CheckpointError, ConfigError
 from jaxad.scores import pixel, sample
@@ -132,7 +134,7 @@ def _lesioned_by_index(split, config, batch_size, processes):
   config = config.copy_and_resolve_references()
   config.eval.batch_size = batch_size
   spec = lesions.spec_from_config(config.data.synthetic_lesions)
-  streams = [evaluation.lesioned_batches(split, config, spec, process_index=p,
+  streams = [scoring.lesioned_batches(split, config, spec, process_index=p,
                                          process_count=processes)
              for p in range(processes)]
   out = {}
@@ -165,7 +167,7 @@ def test_lesions_do_not_depend_on_batch_size_processes_or_the_grid(make_config):
       np.testing.assert_array_equal(got[i][1], mask)
       assert got[i][2] == anomalous
   # The grid lesions the whole preprocessed split at once: the same images and masks.
-  images, masks = grid_eval.lesioned(grid_train.preprocess(split, config.data)["image"],
+  images, masks = grid_eval.lesioned(grid_data.preprocess(split, config.data)["image"],
                                      spec)
   for i, (image, mask, _) in reference.items():
     np.testing.assert_array_equal(images[i], image)

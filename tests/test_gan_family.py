@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxad import evaluation, trainer
+from jaxad import state as state_lib
 from jaxad.data import sources
 from jaxad.errors import ConfigError, DataError
 from jaxad.families import gan as gan_family
@@ -39,7 +40,7 @@ def test_wgan_gp_takes_critic_steps_per_generator_step(tmp_path):
   assert _adam_count(state.opt_state["discriminator"]) == 12
   assert _adam_count(state.opt_state["generator"]) == 4
   assert summary["train_gradient_penalty"] > 0 and np.isfinite(summary["train_g_loss"])
-  family, _ = trainer.build(config, 2)
+  family, _ = state_lib.build(config, 2)
   assert family.discriminator.norm == "layer"  # the WGAN-GP critic's default
 
 
@@ -58,10 +59,10 @@ def test_plateau_lowers_both_networks_learning_rates(tmp_path):
   config = gan_config(**{"train.num_steps": 2})
   state, _ = trainer.train_and_evaluate(config, str(tmp_path))
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  lowered = trainer._set_learning_rate(state, 1e-5, mesh)  # pylint: disable=protected-access
+  lowered = state_lib.set_learning_rate(state, 1e-5, mesh)  # pylint: disable=protected-access
   for net in gan_family.NETS:
     assert float(lowered.opt_state[net].hyperparams["learning_rate"]) == pytest.approx(1e-5)
-  assert trainer.learning_rate(lowered.opt_state) == pytest.approx(1e-5)
+  assert state_lib.learning_rate(lowered.opt_state) == pytest.approx(1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def _restored_and_scored(evaluated_gan, data_seed, key_seed):
   workdir on one device and three random 8×8 images scored with `key`."""
   workdir, config, _ = evaluated_gan
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  family, variables, _ = evaluation.restore_variables(config, workdir, 2, mesh)
+  family, variables, _ = state_lib.restore_variables(config, workdir, 2, mesh)
   x = np.random.default_rng(data_seed).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
   key = jax.random.key(key_seed)
   out = jax.jit(lambda v, x: family.score(v, x, key, with_maps=True))(variables, x)
@@ -137,10 +138,10 @@ def test_report_reconstructions_are_the_scored_search_results(evaluated_gan, mon
 
 def test_gan_config_errors():
   with pytest.raises(ConfigError, match="discriminator_norm='batch' cannot be used"):
-    trainer.build(gan_config(**{"model.name": "wgan_gp",
+    state_lib.build(gan_config(**{"model.name": "wgan_gp",
                                 "model.gan.discriminator_norm": "batch"}), 2)
   with pytest.raises(ConfigError, match="b·2\\^k"):
-    trainer.build(gan_config(**{"data.image_size": 9}), 2)
+    state_lib.build(gan_config(**{"data.image_size": 9}), 2)
   from jaxad import config as config_lib
   with pytest.raises(ConfigError, match="eval.latent_lambda"):
     config_lib.validate(gan_config(**{"eval.latent_lambda": 1.5}))
@@ -298,7 +299,7 @@ def test_nifti_volumes_train_and_evaluate(tmp_path):
 @pytest.mark.parametrize("name", ["digits_gan.py", "digits_wgan.py"])
 def test_digits_configs_train_evaluate_and_report(tmp_path, name):
   """The CPU configs end to end, shortened: gan scores, logistic regression, report."""
-  from jaxad import grid_axes
+  from jaxad.grid import axes as grid_axes
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = grid_axes.load_experiment(os.path.join(root, "configs", name))
   config.train.num_steps = 6

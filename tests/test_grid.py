@@ -9,8 +9,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxad import evaluation, grid, grid_axes, grid_eval, grid_train, metrics, parallel
-from jaxad import trainer
+from jaxad import evaluation, keys, metrics, parallel, scoring, trainer
+from jaxad import state as state_lib
+from jaxad.grid import axes as grid_axes
+from jaxad.grid import data as grid_data
+from jaxad.grid import evaluate as grid_eval
+from jaxad.grid import run as grid
+from jaxad.grid import train as grid_train
 from jaxad.data import lesions, pipeline
 from jaxad.errors import ConfigError
 
@@ -71,8 +76,8 @@ def test_left_out_classes_give_each_member_its_own_data(make_config, tmp_path):
                         **{"data.source": "digits", "data.normal_classes": (),
                            "train.batch_size": 32, "train.num_steps": 12})
   (group,) = grid_axes.plan(config)
-  data = grid_train.load_data(group)
-  streams = grid_train.Streams(data.train_splits, [0, 0], 32)
+  data = grid_data.load_data(group)
+  streams = grid_data.Streams(data.train_splits, [0, 0], 32)
   # Each member's stream is exactly the single-model pipeline's, pixels included.
   for k, member in enumerate(group.members):
     batches = pipeline.train_batches(data.train_splits[k], member.config.data, seed=0,
@@ -176,12 +181,12 @@ def test_grid_pixel_range_is_the_eval_binarys_and_counts_clipped_pixels(
     make_config, tmp_path, monkeypatch):
   # A narrow range (RANGE_FACTOR 0.5) so that test maps exceed it: the old grid took
   # its range from the first test batch and clipped later values without a word.
-  monkeypatch.setattr(evaluation, "RANGE_FACTOR", 0.5)
+  monkeypatch.setattr(scoring, "RANGE_FACTOR", 0.5)
   config = _grid_config(make_config, {"seed": (0, 1)}, **{
       "train.num_steps": 4, "eval.batch_size": 16, "data.synthetic_lesions.enabled": True})
   (group,) = grid_axes.plan(config)
   mesh = parallel.make_mesh()
-  data = grid_train.load_data(group)
+  data = grid_data.load_data(group)
   state, _ = grid_train.train_group(group, str(tmp_path), mesh, data=data, progress=False)
   results = grid_eval.evaluate_group(group, state, data, mesh, progress=False)
   spec = lesions.spec_from_config(config.data.synthetic_lesions)
@@ -189,17 +194,17 @@ def test_grid_pixel_range_is_the_eval_binarys_and_counts_clipped_pixels(
   for k, member in enumerate(group.members):
     # The eval binary's own functions on this member: its healthy maximum and maps.
     c = member.config
-    family, _ = trainer.build(c, 2)
-    score_fn = evaluation.make_score_fn(family, True)
+    family, _ = state_lib.build(c, 2)
+    score_fn = scoring.make_score_fn(family, True)
     variables = jax.tree.map(lambda x: x[k], {"params": state.params, **state.model_state})
-    stats = evaluation.healthy_map_stats(score_fn, variables, data.val_splits[k], c, mesh,
+    stats = scoring.healthy_map_stats(score_fn, variables, data.val_splits[k], c, mesh,
                                          c.seed)
     normal = data.test_split.normal_indices
     padded = np.r_[normal, np.full(-len(normal) % 16, normal[0])].reshape(-1, 16)
     maps = {}
     for b, rows in enumerate(padded):
       _, out = score_fn(variables, parallel.put_batch(images[rows], mesh), jax.random.fold_in(
-          trainer.purpose_key(c.seed, evaluation.EVAL), b))
+          keys.purpose_key(c.seed, keys.EVAL), b))
       for name, v in out.items():
         maps.setdefault(name, []).append(np.asarray(v))
     for name, got in results[k]["pixel"].items():
@@ -240,10 +245,10 @@ def test_test_images_are_coded_once_per_data_config(make_config):
   config = _grid_config(make_config, {"latent_dim": (2, 4)})
   first, second = grid_axes.plan(config)
   cache = {}
-  a, b = grid_train.load_data(first, cache), grid_train.load_data(second, cache)
+  a, b = grid_data.load_data(first, cache), grid_data.load_data(second, cache)
   assert a.test_lengths is b.test_lengths  # one coding for both groups
   want = complexity.lengths(a.test["image"], int(config.data.bit_depth))
   for k, v in a.test_lengths.result().items():
     np.testing.assert_array_equal(v, want[k])
   config.eval.complexity = False
-  assert grid_train.load_data(grid_axes.plan(config)[0]).test_lengths is None
+  assert grid_data.load_data(grid_axes.plan(config)[0]).test_lengths is None

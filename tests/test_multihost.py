@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jaxad import checkpoint, evaluation, parallel, trainer
+from jaxad import config as config_lib
 from jaxad.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,7 +217,7 @@ def runs(collectives, tmp_path_factory):
 
   # One process, 4 devices, the config the two processes saved.
   t = time.perf_counter()
-  config = evaluation.load_config(str(workdir))
+  config = config_lib.load_workdir_config(str(workdir))
   ref_dir = str(folder / "one")
   devices = jax.devices()[:2 * DEVICES_PER_PROCESS]
   ref_state, ref_summary = trainer.train_and_evaluate(config, ref_dir, devices=devices)

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from jaxad import checkpoint, config as config_lib, evaluation, families, parallel, trainer
+from jaxad import state as state_lib
 from jaxad.data import pipeline
 from jaxad.errors import CheckpointError, ConfigError
 from jaxad.families import score as score_family
@@ -59,9 +60,9 @@ def test_sano_localises_and_detects_lesions(trained):
 def test_eval_uses_the_ema_and_thresholds_from_healthy_maps_alone(trained):
   workdir, config, result = trained
   mesh = parallel.make_mesh(jax.devices()[:1])
-  family, variables, _ = evaluation.restore_variables(config, workdir, 2, mesh)
+  family, variables, _ = state_lib.restore_variables(config, workdir, 2, mesh)
   ckpt = checkpoint.Checkpoints(workdir)
-  state = ckpt.restore(trainer.create_state(family, trainer.make_optimizer(config),
+  state = ckpt.restore(state_lib.create_state(family, state_lib.make_optimizer(config),
                                             (16, 16, 1), config.seed, mesh, ema=True))
   ckpt.close()
   for used, ema in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.ema_params)):
@@ -87,8 +88,8 @@ def test_ema_follows_its_recurrence():
   # The config and mesh of the resume test below: the compiled step is shared (cache).
   config = score_config(**{"train.ema_rate": 0.9, "data.val_split": ""})
   mesh = parallel.make_mesh()
-  family, tx = trainer.build(config, 2)
-  state = trainer.create_state(family, tx, (8, 8, 1), 0, mesh, ema=True)
+  family, tx = state_lib.build(config, 2)
+  state = state_lib.create_state(family, tx, (8, 8, 1), 0, mesh, ema=True)
   step = trainer.make_train_step(family, tx, 0, mesh, ema_rate=0.9)
   images = np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
   expected = jax.tree.map(np.asarray, state.params)
@@ -102,7 +103,7 @@ def test_ema_follows_its_recurrence():
 def test_warmup_scales_the_first_updates_and_clipping_bounds_the_gradient():
   config = score_config(**{"train.learning_rate": 0.1, "train.warmup_steps": 4,
                            "train.grad_clip": 0.5})
-  tx = trainer.make_optimizer(config)
+  tx = state_lib.make_optimizer(config)
   params = {"w": jnp.zeros(3)}
   state = tx.init(params)
   grads = {"w": jnp.array([3.0, -4.0, 0.0])}  # norm 5, clipped to 0.5

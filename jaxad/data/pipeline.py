@@ -286,6 +286,18 @@ def train_batches(split: Split, data: ml_collections.ConfigDict, *, seed: int,
     epoch, skip = epoch + 1, 0
 
 
+def padded_indices(indices: np.ndarray, global_batch: int,
+                   length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(indices, valid) padded to whole batches (or to `length`): the padding repeats the
+  first index (0 if there is none) with valid = 0, so every example counts once."""
+  n = len(indices)
+  padded = -(-n // global_batch) * global_batch if length is None else length
+  valid = np.zeros(padded, np.float32)
+  valid[:n] = 1.0
+  indices = np.concatenate([indices, np.full(padded - n, indices[0] if n else 0)])
+  return indices, valid
+
+
 def eval_batches(split: Split, data: ml_collections.ConfigDict, *, global_batch: int,
                  normal_only: bool = False, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict]:
@@ -295,11 +307,7 @@ def eval_batches(split: Split, data: ml_collections.ConfigDict, *, global_batch:
   `valid` = 0, so masked sums over `valid` count each real example once.
   """
   indices = split.normal_indices if normal_only else np.arange(len(split.source))
-  n = len(indices)
-  padded = -(-n // global_batch) * global_batch
-  valid = np.zeros(padded, np.float32)
-  valid[:n] = 1.0
-  indices = np.concatenate([indices, np.full(padded - n, indices[0] if n else 0)])
+  indices, valid = padded_indices(indices, global_batch)
   local = global_batch // process_count
   take = lambda a: a.reshape(-1, global_batch)[:, process_index * local:
                                                (process_index + 1) * local].reshape(-1)

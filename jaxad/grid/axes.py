@@ -56,7 +56,7 @@ EXCLUSIVE = (("c", "beta"), ("left_out_class", "normal_class"))
 def default_grid() -> ml_collections.ConfigDict:
   """The `config.grid` fields, each commented."""
   g = ml_collections.ConfigDict()
-  g.axes = ml_collections.ConfigDict()  # axis name → tuple of values (see jaxad.grid_axes)
+  g.axes = ml_collections.ConfigDict()  # axis name → tuple of values (see jaxad.grid.axes)
   g.max_members = 0  # split a group into chunks of at most this many members (0 = no).
   g.keep_checkpoints = False  # keep each group's final stacked state (disk: K models).
   g.max_device_data_mb = 2048  # preprocessed splits are copied to every device; above
@@ -171,7 +171,7 @@ def axes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """The grid's axes in iteration order (table order, then generic keys by name)."""
   if "grid" not in config or "axes" not in config.grid:
     raise ConfigError("the config has no grid.axes: start the grid config from "
-                      "jaxad.grid_axes.with_grid(...) and set grid.axes")
+                      "jaxad.grid.axes.with_grid(...) and set grid.axes")
   given = dict(config.grid.axes.items())
   if not given:
     raise ConfigError("grid.axes is empty: name at least one axis, e.g. "

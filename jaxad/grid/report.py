@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from jaxad import files
-from jaxad.grid_axes import short
+from jaxad.grid.axes import short
 from jaxad.scores import pixel, sample
 
 FIGURES = "figures"

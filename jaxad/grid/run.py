@@ -1,38 +1,9 @@
-"""Hyperparameter robustness grids (Zimmerer et al.): many VAEs in one compiled program.
-
-    python -m jaxad.grid --config=configs/grid_digits.py --workdir=workdirs/grid_digits
-    python -m jaxad.grid --config=configs/grid_fashion_mnist.py --workdir=DIR \\
-        --config.grid.axes.seed='(0, 1)'
-
-The config is an experiment config plus `grid.axes` (see jaxad.grid_axes): axes that
-keep array shapes (seed, c/β, learning rate, left-out class) are vmapped, so a group's
-K members train in one jitted step on their own data streams (jaxad.grid_train); axes
-that change shapes (latent size, image size, architecture) make groups that run one
-after another. Every member is then scored with every sample-wise score (with the
-complexity-corrected ones under eval.complexity), and every pixel map when the data has
-masks or synthetic lesions (jaxad.grid_eval). With background.enabled, each group's
-background models (Ren et al.'s likelihood ratio, jaxad.background) train after it as
-a second vmapped group, and every member gets its `<score>_llr`.
-
-The workdir:
-
-  DIR/grid.csv             one row per member and score: axis values, AUROC, AUPRC
-  DIR/grid.json            config, axes, every member's training summary and metrics
-  DIR/figures/*.png        AUROC per score against each axis, mean with min/max band
-  DIR/grid.html            the figures and a table of mean AUROC per group
-  DIR/groups/<g>.json      a finished group's results (written atomically)
-  DIR/groups/<g>/checkpoints/  the running group's stacked state
-  DIR/plan.json, grid.log  the plan the workdir holds; the log
-
-Running the same command again resumes: finished groups are read back, the running
-group restarts from its latest checkpoint and ends bit-identical to an uninterrupted run.
-"""
+"""One grid run: plan the groups, train and score each (resuming), write the results."""
 
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 
 import jax
@@ -40,7 +11,12 @@ import ml_collections
 import numpy as np
 
 from jaxad import config as config_lib
-from jaxad import background, files, grid_axes, grid_eval, grid_report, grid_train, parallel, trainer
+from jaxad import background, files, parallel
+from jaxad.grid import axes as grid_axes
+from jaxad.grid import data as grid_data
+from jaxad.grid import evaluate as grid_eval
+from jaxad.grid import report as grid_report
+from jaxad.grid import train as grid_train
 from jaxad.errors import CheckpointError
 
 log = logging.getLogger("jaxad")
@@ -81,7 +57,7 @@ def _run_group(group, workdir, mesh, cache, stop_at_step, progress) -> dict | No
   """Trains and scores one group; its record, or None if it was interrupted."""
   directory = os.path.join(workdir, "groups", group.name)
   t0 = time.perf_counter()
-  data = grid_train.load_data(group, cache)
+  data = grid_data.load_data(group, cache)
   t1 = time.perf_counter()
   state, summary = grid_train.train_group(group, directory, mesh, data=data,
                                           stop_at_step=stop_at_step, progress=progress)
@@ -91,7 +67,7 @@ def _run_group(group, workdir, mesh, cache, stop_at_step, progress) -> dict | No
   bg = bg_summary = None
   if group.config.background.enabled:  # the likelihood ratio's models, vmapped too
     bg_group = grid_train.background_group(group)
-    bg_data = grid_train.load_data(bg_group, cache, with_test=False)
+    bg_data = grid_data.load_data(bg_group, cache, with_test=False)
     bg_state, bg_summary = grid_train.train_group(
         bg_group, os.path.join(directory, background.SUBDIR), mesh, data=bg_data,
         progress=progress)
@@ -127,7 +103,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str, *,
   """
   groups = grid_axes.plan(config)
   os.makedirs(workdir, exist_ok=True)
-  trainer.log_to_file(workdir, "grid.log")
+  files.log_to_file(workdir, "grid.log")
   _check_plan(workdir, config, groups)
   mesh = parallel.make_mesh(devices)
   progress = bool(config.train.progress_bar) if progress is None else progress
@@ -185,38 +161,3 @@ def headline_table(results: dict) -> str:
     lines.append(f"{g['name']:<6} {len(g['members']):>7}  " + " ".join(cells) + "  " +
                  grid_axes.label(g["values"]))
   return "\n".join(lines)
-
-
-def main(argv):
-  from absl import app
-  from absl import logging as absl_logging
-  from tqdm.contrib.logging import logging_redirect_tqdm
-
-  from jaxad.errors import ConfigError, DataError
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-save chatter
-  handler = logging.StreamHandler(sys.stderr)
-  handler.setFormatter(logging.Formatter("%(message)s"))
-  log.addHandler(handler)
-  log.propagate = False
-  try:
-    with logging_redirect_tqdm([log]):
-      results = run_grid(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, DataError, CheckpointError) as e:
-    sys.exit(f"error: {e}")
-  print(headline_table(results))
-  print(f"{results['num_rows']} rows in {os.path.join(FLAGS.workdir, 'grid.csv')}; "
-        f"figures in {os.path.join(FLAGS.workdir, 'grid.html')}")
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  flags.DEFINE_string("workdir", None, "Folder for the grid's results and checkpoints.")
-  config_flags.DEFINE_config_file("config", None, "Grid config file (configs/grid_*.py).",
-                                  lock_config=True)
-  flags.mark_flags_as_required(["config", "workdir"])
-  FLAGS = flags.FLAGS
-  app.run(main)

@@ -30,15 +30,17 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxad import background, checkpoint, compile_options, families, parallel, trainer
+from jaxad import background, checkpoint, compile_options, families, keys, parallel
 from jaxad import config as config_lib
+from jaxad import schedule
+from jaxad import state as state_lib
 from jaxad.data import pipeline
-from jaxad.errors import ConfigError, DataError
+from jaxad.errors import ConfigError
 from jaxad.families import vae as vae_family
-from jaxad.grid_axes import Group
+from jaxad.grid.axes import Group
+from jaxad.grid.data import GroupData, Streams, load_data, padded_batches
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as likelihood_lib
-from jaxad.scores import complexity
 
 log = logging.getLogger("jaxad")
 
@@ -59,84 +61,6 @@ class GridState:
   bad_epochs: jax.Array  # (K,) int32
   stopped: jax.Array  # (K,) int32: early stopping ended the member
   diverged: jax.Array  # (K,) int32: a non-finite loss froze the member
-
-
-# ---------------------------------------------------------------------------- data
-
-
-def preprocess(split: pipeline.Split, data, batch: int = 256) -> dict[str, np.ndarray]:
-  """Every example of a split through the pipeline's preprocessing: image (N, ...),
-  label (N,) and mask (N, ..., 1) when the source has masks."""
-  parts = {}
-  for b in pipeline.eval_batches(split, data, global_batch=batch):
-    valid = b["valid"] > 0
-    for k in ("image", "label", "mask"):
-      if k in b:
-        parts.setdefault(k, []).append(b[k][valid])
-  return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def member_split(base: pipeline.Split, data, role: str) -> pipeline.Split:
-  """The split of `base`'s source with one member's normal classes."""
-  split = pipeline.Split(base.source, pipeline.normal_labels(base.source, data))
-  if role != "test" and not len(split.normal_indices):
-    raise DataError(f"the {role} split of {base.source.name} has no image of the normal "
-                    f"classes {list(split.normal_labels)}: check the grid's class axis")
-  return split
-
-
-class Streams:
-  """Each member's global batch of example indices at a step, as `train_batches` yields.
-
-  Member k at step s reads row s mod S_k of `epoch_order(split_k, seed_k, s // S_k, B)`,
-  S_k its steps per epoch. Members with the same seed and normal classes share orders.
-  """
-
-  def __init__(self, splits: list[pipeline.Split], seeds: list[int], batch: int):
-    self.splits, self.seeds, self.batch = splits, seeds, batch
-    self.steps_per_epoch = np.array([pipeline.steps_per_epoch(s, batch) for s in splits])
-    self._orders = {}
-
-  def _order(self, k: int, epoch: int) -> np.ndarray:
-    key = (self.seeds[k], tuple(self.splits[k].normal_labels), epoch)
-    if key not in self._orders:
-      if len(self._orders) > 4 * len(self.splits):
-        self._orders.clear()
-      self._orders[key] = pipeline.epoch_order(self.splits[k], self.seeds[k], epoch,
-                                               self.batch)
-    return self._orders[key]
-
-  def indices_of(self, k: int, step: int) -> np.ndarray:
-    """(B,) example indices of member k's batch at `step`."""
-    epoch, row = divmod(step, int(self.steps_per_epoch[k]))
-    return self._order(k, epoch)[row]
-
-  def indices(self, step: int) -> np.ndarray:
-    """(K, B) example indices of every member's batch at `step`."""
-    return np.stack([self.indices_of(k, step) for k in range(len(self.splits))]
-                    ).astype(np.int32)
-
-  def labels_seen(self, k: int, steps: int, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """How many training images of each class member k saw in its first `steps` steps."""
-    spe = int(self.steps_per_epoch[k])
-    seen = np.zeros(num_classes, np.int64)
-    for epoch in range(-(-steps // spe)):
-      rows = self._order(k, epoch)[:min(spe, steps - epoch * spe)]
-      seen += np.bincount(labels[rows.reshape(-1)], minlength=num_classes)
-    return seen
-
-
-def padded_batches(index_lists: list[np.ndarray], batch: int) -> tuple[np.ndarray, np.ndarray]:
-  """(K, nb, B) indices and valid flags: each list in order, padded as `eval_batches`
-  pads (repeating its first index), shorter lists padded further with empty batches."""
-  nb = max(-(-len(ix) // batch) for ix in index_lists)
-  idx = np.zeros((len(index_lists), nb * batch), np.int32)
-  valid = np.zeros((len(index_lists), nb * batch), np.float32)
-  for k, ix in enumerate(index_lists):
-    idx[k] = ix[0] if len(ix) else 0
-    idx[k, :len(ix)] = ix
-    valid[k, :len(ix)] = 1.0
-  return idx.reshape(len(index_lists), nb, batch), valid.reshape(len(index_lists), nb, batch)
 
 
 # ----------------------------------------------------------------------- shardings
@@ -195,7 +119,7 @@ class Layout:
 def _optimizer(train_json: str) -> optax.GradientTransformation:
   """One optimiser object per train config, so compiled steps can be cached on it."""
   config = ml_collections.ConfigDict({"train": json.loads(train_json)})
-  return trainer.make_optimizer(config)
+  return state_lib.make_optimizer(config)
 
 
 def group_setup(group: Group, shape: tuple[int, ...]):
@@ -209,24 +133,20 @@ def group_setup(group: Group, shape: tuple[int, ...]):
 
 
 @functools.lru_cache(maxsize=16)
-def _init_fn(model, tx, shape):
+def _init_fn(model, kind: str, tx, shape):
   @jax.jit
-  def init(seed):
-    variables = model.init(trainer.purpose_key(seed, trainer.INIT), jnp.zeros((1, *shape)),
-                           train=False)
-    params = variables.pop("params")
-    return params, dict(variables), tx.init(params)
+  def init(seed):  # the trainer's initial state (state.initial_state), its seed traced
+    start = state_lib.initial_state(member_family(model, kind, 1.0), tx, shape, seed)
+    return start.params, start.model_state, start.opt_state
   return init
 
 
-def init_state(model, tx, shape, seeds, lrs, layout: Layout) -> GridState:
+def init_state(model, kind: str, tx, shape, seeds, lrs, layout: Layout) -> GridState:
   """Each member initialised exactly as the trainer does (one jit, K calls), stacked."""
-  init = _init_fn(model, tx, tuple(shape))
+  init = _init_fn(model, kind, tx, tuple(shape))
   parts = [init(jnp.asarray(s, jnp.int32)) for s in seeds]
   params, model_state, opt_state = jax.tree.map(lambda *x: jnp.stack(x), *parts)
-  hyper = dict(opt_state.hyperparams)
-  hyper["learning_rate"] = jnp.asarray(np.asarray(lrs, np.float32))
-  opt_state = opt_state._replace(hyperparams=hyper)
+  opt_state = state_lib.with_learning_rate(opt_state, jnp.asarray(np.asarray(lrs, np.float32)))
   k = len(seeds)
   state = GridState(
       step=jnp.zeros((k,), jnp.int32), params=params, model_state=model_state,
@@ -248,10 +168,10 @@ def make_train_step(model, kind: str, tx, layout: Layout,
   """
 
   def member(state: GridState, images, beta, seed, active):
-    rng = jax.random.fold_in(trainer.purpose_key(seed, trainer.TRAIN), state.step)
+    rng = jax.random.fold_in(keys.purpose_key(seed, keys.TRAIN), state.step)
     if mutation[0]:
       images = background.mutate(
-          images, jax.random.fold_in(trainer.purpose_key(seed, trainer.MUTATION),
+          images, jax.random.fold_in(keys.purpose_key(seed, keys.MUTATION),
                                      state.step), *mutation)
     params, model_state, opt_state, metrics = families.gradient_update(
         member_family(model, kind, beta), tx, state.params, state.model_state,
@@ -278,7 +198,7 @@ def make_val_step(model, kind: str, layout: Layout):
   """Per member: masked sums of the eval-mode −ELBO over its batch `b` (trainer keys)."""
 
   def member(params, model_state, images, valid, beta, seed, b):
-    rng = jax.random.fold_in(trainer.purpose_key(seed, trainer.VAL), b)
+    rng = jax.random.fold_in(keys.purpose_key(seed, keys.VAL), b)
     neg_elbo = member_family(model, kind, beta).val_loss(
         {"params": params, **model_state}, images, rng)
     return jnp.sum(neg_elbo * valid), jnp.sum(valid)
@@ -303,62 +223,14 @@ def background_group(group: Group) -> Group:
 # ---------------------------------------------------------------- the group's loop
 
 
-@dataclasses.dataclass
-class GroupData:
-  """A group's splits: preprocessed arrays and each member's view of them."""
-  shape: tuple[int, ...]
-  train: dict
-  val: dict | None
-  test: dict | None
-  test_split: pipeline.Split | None  # member 0's classes; members re-label via member_split
-  train_splits: list
-  val_splits: list | None
-  test_lengths: Any = None  # future of complexity.lengths(test images) (eval.complexity)
-
-
-def load_data(group: Group, cache: dict | None = None, with_test: bool = True) -> GroupData:
-  """Reads and preprocesses the group's splits (cached by data config in `cache`);
-  without the test split (None) for a model that is only trained on them."""
-  config = group.config
-  cache = {} if cache is None else cache
-  base_train = pipeline.load_split(config.data, "train")
-  base_val = pipeline.load_split(config.data, "val")
-  test = pipeline.load_split(config.data, "test") if with_test else None
-  shape = trainer.image_shape(config, base_train.source.spatial_ndim)
-  key = json.dumps(config_lib.to_dict(config)["data"], sort_keys=True)
-
-  def arrays(role, split):
-    if (key, role) not in cache:
-      if len(cache) > 6:  # keep the latest data config only
-        cache.clear()
-      cache[(key, role)] = preprocess(split, config.data)
-    return cache[(key, role)]
-
-  lengths = None
-  if with_test and config.eval.complexity:  # coded once per data, while the group trains
-    bits = int(config.data.bit_depth)
-    if (key, "lengths", bits) not in cache:
-      pool = complexity.ComplexityPool(bits)
-      cache[(key, "lengths", bits)] = pool.submit(arrays("test", test)["image"])
-      pool.close(wait=False)
-    lengths = cache[(key, "lengths", bits)]
-  trains = [member_split(base_train, m.config.data, "train") for m in group.members]
-  vals = None if base_val is None else [member_split(base_val, m.config.data, "val")
-                                        for m in group.members]
-  return GroupData(shape, arrays("train", base_train),
-                   None if base_val is None else arrays("val", base_val),
-                   arrays("test", test) if with_test else None, test, trains, vals,
-                   lengths)
-
-
 def _member_values(group: Group, get) -> np.ndarray:
   return np.array([get(m.config) for m in group.members])
 
 
 def _end_of_epoch(host: dict, k: int, val: float, t) -> str:
-  """trainer.plateau_schedule for member k, on host copies of its state."""
+  """schedule.plateau_schedule for member k, on host copies of its state."""
   old_lr = float(host["lr"][k])
-  best, bad, lr, stop = trainer.plateau_schedule(
+  best, bad, lr, stop = schedule.plateau_schedule(
       float(host["best_val"][k]), int(host["bad_epochs"][k]), old_lr, val, t)
   host["best_val"][k], host["bad_epochs"][k], host["lr"][k] = best, bad, lr
   note = f", learning rate -> {lr:.3g}" if lr != old_lr else ""
@@ -376,10 +248,10 @@ def _host_schedule(state: GridState) -> dict:
 
 
 def _set_schedule(state: GridState, host: dict, layout: Layout) -> GridState:
-  hyper = dict(state.opt_state.hyperparams)
-  hyper["learning_rate"] = layout.put(jnp.asarray(host["lr"], hyper["learning_rate"].dtype))
+  lr = state.opt_state.hyperparams["learning_rate"]
   return state.replace(
-      opt_state=state.opt_state._replace(hyperparams=hyper),
+      opt_state=state_lib.with_learning_rate(
+          state.opt_state, layout.put(jnp.asarray(host["lr"], lr.dtype))),
       best_val=layout.put(jnp.asarray(host["best_val"], jnp.float32)),
       bad_epochs=layout.put(jnp.asarray(host["bad_epochs"], jnp.int32)),
       stopped=layout.put(jnp.asarray(host["stopped"], jnp.int32)))
@@ -409,6 +281,125 @@ def _put_images(array: np.ndarray, layout: Layout, limit_mb: float):
   return layout.put(jnp.asarray(array), layout.replicated)
 
 
+@dataclasses.dataclass
+class _GroupRun:
+  """What one group's training holds fixed: members, data on the devices, steps."""
+  group: Group
+  data: GroupData
+  layout: Layout
+  streams: Streams
+  num_steps: np.ndarray  # (K,) each member's step budget
+  needs_val: bool
+  betas: Any
+  seeds: Any
+  train_step: Any
+  dev_train: Any
+  ckpt: checkpoint.Checkpoints
+  val: tuple | None = None  # (val_step, device images, (K, nb, B) indices, valid)
+
+
+def _setup_group(group: Group, directory: str, mesh, data: GroupData):
+  """The group's run (compiled steps, data on the devices) and its initial or restored
+  stacked state."""
+  config, members = group.config, group.members
+  t = config.train
+  seeds = [int(m.config.seed) for m in members]
+  streams = Streams(data.train_splits, seeds, int(t.batch_size))
+  num_steps = np.array([config_lib.total_steps(m.config, int(s))
+                        for m, s in zip(members, streams.steps_per_epoch)])
+  needs_val = any(schedule.needs_validation(m.config.train) for m in members)
+  schedule.check_validation(data.val is not None, needs_val)
+  layout = Layout.make(mesh, len(members), int(t.batch_size))
+  model, kind, tx = group_setup(group, data.shape)
+  limit = float(config.grid.max_device_data_mb) if "grid" in config else 2048.0
+  run = _GroupRun(
+      group, data, layout, streams, num_steps, needs_val,
+      layout.put(jnp.asarray(_member_values(group, lambda c: c.model.beta), jnp.float32)),
+      layout.put(jnp.asarray(seeds, jnp.int32)),
+      make_train_step(model, kind, tx, layout,
+                      (float(t.mutation_rate), int(config.data.bit_depth))),
+      _put_images(data.train["image"], layout, limit),
+      checkpoint.Checkpoints(directory, keep=t.keep_checkpoints))
+  if needs_val:
+    run.val = (make_val_step(model, kind, layout), _put_images(data.val["image"], layout, limit),
+               *padded_batches([s.normal_indices for s in data.val_splits], int(t.batch_size)))
+  state = init_state(model, kind, tx, data.shape, seeds,
+                     _member_values(group, lambda c: c.train.learning_rate), layout)
+  if run.ckpt.latest_step():
+    state = run.ckpt.restore(state)
+    log.info("%s: resumed at step %d", group.name, run.ckpt.latest_step())
+  return run, state
+
+
+def _validate_members(run: _GroupRun, state, host: dict, ended, diverged, step: int):
+  """Validation −ELBO of every member, then the schedule of those whose epoch ended."""
+  val_step, dev_val, val_idx, val_valid = run.val
+  vals = _validate(val_step, state, val_idx, val_valid, dev_val, run.betas, run.seeds,
+                   run.layout)
+  for j in np.flatnonzero(ended & ~diverged):
+    note = _end_of_epoch(host, j, float(vals[j]), run.group.members[j].config.train)
+    log.info("%s member %d epoch %d: validation -ELBO %.5g%s", run.group.name, j,
+             step // int(run.streams.steps_per_epoch[j]), vals[j], note)
+  return _set_schedule(state, host, run.layout)
+
+
+class _Progress:
+  """Each log window's losses (fetched only at log steps), rate and progress bar."""
+
+  def __init__(self, run: _GroupRun, start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    self.bar = tqdm(total=total, initial=start, disable=not enabled, unit="step",
+                    dynamic_ncols=True, mininterval=1.0, desc=run.group.name)
+    self.name, self.batch = run.group.name, int(run.group.config.train.batch_size)
+    self.window, self.images, self.tick = [], 0, time.perf_counter()
+    self.last_loss = np.full(len(run.group.members), np.nan)
+
+  def add(self, active, loss) -> None:
+    self.window.append((active, loss))
+    self.images += int(active.sum()) * self.batch
+    self.bar.update(1)
+
+  def flush(self, step: int, active, log_line: bool) -> None:
+    for a, l in self.window:
+      self.last_loss = np.where(a, np.asarray(jax.device_get(l)), self.last_loss)
+    now = time.perf_counter()
+    rate = self.images / (now - self.tick)
+    self.bar.set_postfix(active=int(active.sum()), loss=f"{np.nanmean(self.last_loss):.4g}",
+                         img_s=f"{rate:.0f}")
+    if log_line:
+      log.info("%s step %d: %d active, mean loss %.5g, %.0f images/s", self.name, step,
+               int(active.sum()),
+               float(np.nanmean(np.where(active, self.last_loss, np.nan))), rate)
+    self.window, self.images, self.tick = [], 0, now
+
+
+def _group_loop(run: _GroupRun, state, progress: _Progress, stop_at_step):
+  """Steps every active member until none is (or stop_at_step); (state, step, finished)."""
+  t, spe = run.group.config.train, run.streams.steps_per_epoch
+  host = _host_schedule(state)
+  diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
+  total, step = int(run.num_steps.max()), int(run.ckpt.latest_step() or 0)
+  active_now = lambda: (step < run.num_steps) & (host["stopped"] == 0) & ~diverged
+  while (active := active_now()).any():
+    idx = run.layout.put(run.streams.indices(step), run.layout.batch)
+    state, metrics = run.train_step(state, run.dev_train, idx, run.betas, run.seeds,
+                                    run.layout.put(jnp.asarray(active)))
+    progress.add(active, metrics["loss"])
+    step += 1
+    ended = active & schedule.due(step, spe)
+    if schedule.due(step, t.log_every_steps, total) or ended.any():
+      diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
+      progress.flush(step, active, schedule.due(step, t.log_every_steps))
+    if ended.any() and run.needs_val:
+      state = _validate_members(run, state, host, ended, diverged, step)
+    done = not active_now().any()
+    if schedule.due(step, t.checkpoint_every_steps) or done:
+      run.ckpt.save(step, state)
+    if stop_at_step is not None and step >= stop_at_step and not done:
+      break
+  return state, step, not active_now().any()
+
+
 def train_group(group: Group, directory: str, mesh, *, data: GroupData | None = None,
                 stop_at_step: int | None = None, progress: bool = True) -> tuple[GridState, dict]:
   """Trains (or resumes, from `directory/checkpoints`) every member of `group`.
@@ -418,98 +409,20 @@ def train_group(group: Group, directory: str, mesh, *, data: GroupData | None = 
   the histogram of training labels it saw. `stop_at_step` ends the loop after that
   (global) step as if interrupted; the summary then has finished=False.
   """
-  config = group.config
-  t = config.train
   data = load_data(group) if data is None else data
-  members = group.members
-  k = len(members)
-  seeds = [int(m.config.seed) for m in members]
-  batch = int(t.batch_size)
-  streams = Streams(data.train_splits, seeds, batch)
-  spe = streams.steps_per_epoch
-  num_steps = np.array([config_lib.total_steps(m.config, int(s))
-                        for m, s in zip(members, spe)])
-  schedules = [m.config.train for m in members]
-  needs_val = any(s.plateau_patience or s.early_stop_patience for s in schedules)
-  if needs_val and data.val is None:
-    raise ConfigError("train.plateau_patience / train.early_stop_patience need a "
-                      "validation split: set data.val_split or data.val_fraction > 0")
-  layout = Layout.make(mesh, k, batch)
-  model, kind, tx = group_setup(group, data.shape)
-  betas = layout.put(jnp.asarray(_member_values(group, lambda c: c.model.beta), jnp.float32))
-  dev_seeds = layout.put(jnp.asarray(seeds, jnp.int32))
-  lrs = _member_values(group, lambda c: c.train.learning_rate)
-
-  ckpt = checkpoint.Checkpoints(directory, keep=t.keep_checkpoints)
-  state = init_state(model, tx, data.shape, seeds, lrs, layout)
-  start = ckpt.latest_step() or 0
-  if start:
-    state = ckpt.restore(state)
-    log.info("%s: resumed at step %d", group.name, start)
-  limit = float(config.grid.max_device_data_mb) if "grid" in config else 2048.0
-  dev_train = _put_images(data.train["image"], layout, limit)
-  train_step = make_train_step(model, kind, tx, layout, (float(t.mutation_rate),
-                                                        int(config.data.bit_depth)))
-  if needs_val:
-    val_step = make_val_step(model, kind, layout)
-    dev_val = _put_images(data.val["image"], layout, limit)
-    val_idx, val_valid = padded_batches([s.normal_indices for s in data.val_splits], batch)
-  host = _host_schedule(state)
-  diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
-  total = int(num_steps.max())
-  from tqdm.auto import tqdm
-  bar = tqdm(total=total, initial=start, disable=not progress, unit="step",
-             dynamic_ncols=True, mininterval=1.0, desc=group.name)
-  log.info("%s: %d members, %d steps at most, %s/epoch, layout %s", group.name, k, total,
-           sorted(set(spe.tolist())), layout.members.spec)
-  window, last_loss, tick = [], np.full(k, np.nan), time.perf_counter()
-  step, images_done = start, 0
+  run, state = _setup_group(group, directory, mesh, data)
+  start, total = int(run.ckpt.latest_step() or 0), int(run.num_steps.max())
+  bar = _Progress(run, start, total, progress)
+  log.info("%s: %d members, %d steps at most, %s/epoch, layout %s", group.name,
+           len(group.members), total, sorted(set(run.streams.steps_per_epoch.tolist())),
+           run.layout.members.spec)
   try:
-    while True:
-      active = (step < num_steps) & (host["stopped"] == 0) & ~diverged
-      if not active.any():
-        break
-      idx = streams.indices(step)
-      state, metrics = train_step(state, dev_train, layout.put(idx, layout.batch), betas,
-                                  dev_seeds, layout.put(jnp.asarray(active)))
-      window.append((active, metrics["loss"]))
-      images_done += int(active.sum()) * batch
-      step += 1
-      bar.update(1)
-      ended = active & (step % spe == 0)
-      if step % t.log_every_steps == 0 or ended.any() or step == total:
-        losses = [(a, np.asarray(jax.device_get(l))) for a, l in window]
-        for a, l in losses:
-          last_loss = np.where(a, l, last_loss)
-        diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
-        now = time.perf_counter()
-        rate = images_done / (now - tick)
-        bar.set_postfix(active=int(active.sum()), loss=f"{np.nanmean(last_loss):.4g}",
-                        img_s=f"{rate:.0f}")
-        if step % t.log_every_steps == 0:
-          log.info("%s step %d: %d active, mean loss %.5g, %.0f images/s", group.name, step,
-                   int(active.sum()), float(np.nanmean(np.where(active, last_loss, np.nan))),
-                   rate)
-        window, images_done, tick = [], 0, now
-      if ended.any() and needs_val:
-        vals = _validate(val_step, state, val_idx, val_valid, dev_val, betas,
-                         dev_seeds, layout)
-        for j in np.flatnonzero(ended & ~diverged):
-          note = _end_of_epoch(host, j, float(vals[j]), schedules[j])
-          log.info("%s member %d epoch %d: validation -ELBO %.5g%s", group.name, j,
-                   step // int(spe[j]), vals[j], note)
-        state = _set_schedule(state, host, layout)
-      done = not ((step < num_steps) & (host["stopped"] == 0) & ~diverged).any()
-      if step % t.checkpoint_every_steps == 0 or done:
-        ckpt.save(step, state)
-      if stop_at_step is not None and step >= stop_at_step and not done:
-        break
+    state, step, finished = _group_loop(run, state, bar, stop_at_step)
   finally:
-    bar.close()
-    ckpt.close()
-  finished = not ((step < num_steps) & (host["stopped"] == 0) & ~diverged).any()
-  return state, _summary(group, state, data, streams, num_steps, finished, last_loss,
-                         needs_val)
+    bar.bar.close()
+    run.ckpt.close()
+  return state, _summary(group, state, data, run.streams, run.num_steps, finished,
+                         bar.last_loss, run.needs_val)
 
 
 def _summary(group, state, data, streams, num_steps, finished, last_loss, needs_val):

@@ -1,0 +1,281 @@
+"""One scoring pass over a split: every sample score, map, lesion, code length and
+background score, batch by batch; the healthy-map statistics; the derived scores.
+
+The eval binary, validation ranking and the grid all score through here, so a number
+means the same wherever it is reported. Batches are padded and carry `index` and
+`valid` (every image scored exactly once on any device count); batch b's key is
+`fold_in(purpose_key(seed, purpose), b)`. Multi-process: each process scores its shard
+of every global batch, then every process gathers the whole batch
+(`parallel.allgather`) so all hold the same results.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxad import background, compile_options, keys, metrics, parallel
+from jaxad import state as state_lib
+from jaxad.data import lesions as lesions_lib
+from jaxad.data import pipeline
+from jaxad.errors import CheckpointError, DataError
+from jaxad.scores import complexity as complexity_lib
+
+RANGE_FACTOR = 4.0  # pixel curves span [0, RANGE_FACTOR × the healthy maps' maximum]
+
+
+@functools.lru_cache(maxsize=8)
+def make_score_fn(family, with_maps: bool):
+  """One jitted pass: every sample-wise score, and the pixel maps when asked.
+
+  Cached, so evaluating several splits (or workdirs of one architecture) compiles once.
+  """
+  return compile_options.jit(functools.partial(family.score, with_maps=with_maps))
+
+
+@functools.lru_cache(maxsize=8)
+def make_reconstruct_fn(family):
+  """What the report's grid shows beside each image (None if the family has nothing),
+  from the batch and the key its scores came from."""
+  return compile_options.jit(family.reconstruct)
+
+
+def restore_background(config, workdir: str, spatial_ndim: int, mesh):
+  """(family, variables) of the likelihood ratio's background model, or None when
+  background.enabled is off."""
+  if not config.background.enabled:
+    return None
+  directory = os.path.join(workdir, background.SUBDIR)
+  if not os.path.isdir(os.path.join(directory, "checkpoints")):
+    raise CheckpointError(
+        f"background.enabled is on but {directory} holds no checkpoint: run python -m "
+        f"jaxad.train again with the same --config and --workdir={workdir} (it trains the "
+        "background model after the model), or pass --config.background.enabled=False")
+  bg_family, bg_variables, _ = state_lib.restore_variables(
+      background.background_config(config), directory, spatial_ndim, mesh)
+  return bg_family, bg_variables
+
+
+def batches(split, config, *, normal_only=False, process_index=None, process_count=None):
+  """This process's padded eval batches of a split (eval.batch_size global images)."""
+  return pipeline.eval_batches(
+      split, config.data, global_batch=config.eval.batch_size, normal_only=normal_only,
+      process_index=jax.process_index() if process_index is None else process_index,
+      process_count=jax.process_count() if process_count is None else process_count)
+
+
+def donor_reader(split, data):
+  """indices → those images of `split` through the pipeline (patch lesion donors), so a
+  donor has exactly the pixels it has in its own batch."""
+  def read(indices):
+    subset = pipeline.Split(split.source.subset(indices), split.normal_labels)
+    return next(pipeline.eval_batches(subset, data, global_batch=len(indices)))["image"]
+  return read
+
+
+def lesioned_batches(split, config, spec, *, process_index=None, process_count=None):
+  """This process's eval batches of the split's normal images with synthetic lesions.
+
+  `image`, `mask` and `anomalous` of each image depend on (spec, its index) alone, not
+  on eval.batch_size, the devices or the processes: patch donors are drawn over the
+  whole split and read through the pipeline (`lesions.add_lesions`).
+  """
+  read = donor_reader(split, config.data)
+  for batch in batches(split, config, normal_only=True, process_index=process_index,
+                       process_count=process_count):
+    images, mask, anomalous = lesions_lib.add_lesions(
+        batch["image"], batch["index"], spec, num_images=len(split.source),
+        read_donors=read)
+    yield {**batch, "image": images, "mask": mask, "anomalous": anomalous}
+
+
+def score_names(family, bg) -> list[str]:
+  """The raw sample scores of one pass (the background's prefixed background_)."""
+  names = list(family.sample_scores)
+  return names + ([] if bg is None else
+                  [background.PREFIX + k for k in bg[0].sample_scores])
+
+
+def make_coder(family, config):
+  """A ComplexityPool when the family has likelihood scores and eval.complexity is on."""
+  if config.eval.complexity and getattr(family, "likelihood_scores", ()):
+    return complexity_lib.ComplexityPool(int(config.data.bit_depth))
+  return None
+
+
+def score_batch(score_fn, variables, bg, images, key):
+  """The family's one pass, and the background model's scores of the same images with
+  the same key (prefixed background_)."""
+  out, maps = score_fn(variables, images, key)
+  if bg is not None:
+    bg_out, _ = make_score_fn(bg[0], False)(bg[1], images, key)
+    out = {**out, **{background.PREFIX + k: v for k, v in bg_out.items()}}
+  return out, maps
+
+
+@dataclasses.dataclass
+class Scored:
+  """One global batch after scoring, gathered on every process (rows not yet filtered
+  by `valid`); `placed` and `key` are what it was scored with (for reconstructions)."""
+  index: np.ndarray
+  valid: np.ndarray  # bool
+  label: np.ndarray
+  anomalous: np.ndarray
+  scores: dict
+  maps: dict
+  mask: np.ndarray | None
+  images: np.ndarray | None  # only when asked for (the largest thing to gather)
+  lengths: dict | None  # complexity code lengths of the images
+  placed: Any
+  key: jax.Array
+
+
+def score_split(score_fn, variables, batch_iter, mesh, key, *, bg=None, coder=None,
+                want_images: Callable[[], bool] = lambda: False) -> Iterator[Scored]:
+  """Scores each batch of `batch_iter` (batch b with fold_in(key, b)), the images coded
+  on host threads beside the device, and yields it gathered (`Scored`)."""
+  for b, batch in enumerate(batch_iter):
+    images = batch["image"]
+    placed, batch_key = parallel.put_batch(images, mesh), jax.random.fold_in(key, b)
+    coded = coder.submit(images) if coder else None  # host threads, beside the device
+    out, maps = score_batch(score_fn, variables, bg, placed, batch_key)
+    with_images = want_images()
+    out, maps, mask, anomalous, gathered, rows, coded = parallel.allgather(
+        (out, maps, batch.get("mask"), batch.get("anomalous"),
+         images if with_images else None,
+         {k: batch[k] for k in ("index", "valid", "label") if k in batch},
+         coded.result() if coded else None))
+    yield Scored(rows["index"], rows["valid"] > 0, rows.get("label"), anomalous, out, maps,
+                 mask, gathered, coded, placed, batch_key)
+
+
+class MapStats:
+  """Mean, std, max and pixel count of each pixel map, accumulated in float64."""
+
+  def __init__(self):
+    self.sums = {}
+
+  def update(self, maps: dict, valid: np.ndarray) -> None:
+    for k, v in maps.items():
+      v = v[valid].astype(np.float64)
+      total, squares, count, peak = self.sums.get(k, (0.0, 0.0, 0, -np.inf))
+      self.sums[k] = (total + v.sum(), squares + (v * v).sum(), count + v.size,
+                      max(peak, float(v.max())))
+
+  def result(self) -> dict:
+    stats = {}
+    for k, (s1, s2, n, mx) in self.sums.items():
+      mean = s1 / n
+      stats[k] = {"mean": mean, "std": float(np.sqrt(max(s2 / n - mean * mean, 0.0))),
+                  "max": float(mx), "num_pixels": int(n)}
+    return stats
+
+
+def healthy_map_stats(score_fn, variables, split, config, mesh, seed) -> dict:
+  """Mean, std and max of each pixel map over healthy images (no anomalous data)."""
+  stats = MapStats()
+  for scored in score_split(score_fn, variables, batches(split, config, normal_only=True),
+                            mesh, keys.purpose_key(seed, keys.HEALTHY)):
+    stats.update(scored.maps, scored.valid)
+  return stats.result()
+
+
+def healthy_split(config) -> tuple[Any, str]:
+  """The healthy images map statistics come from: validation, else training."""
+  healthy = pipeline.load_split(config.data, "val")
+  if healthy is not None:
+    return healthy, "validation"
+  return pipeline.load_split(config.data, "train"), "training"
+
+
+def pixel_range(healthy_max: float | None) -> tuple[float, float] | None:
+  """A map's PixelCurve range: [0, RANGE_FACTOR × its maximum over healthy images].
+
+  Lesions up to that much brighter than anything healthy keep their own bins; values
+  above land in the top bin and are reported as clipped_pixels. None (the first
+  batch's range, widened) when there is no healthy maximum or it is not positive.
+  """
+  if healthy_max is None or not healthy_max > 0:
+    return None
+  return 0.0, RANGE_FACTOR * float(healthy_max)
+
+
+class SampleScores:
+  """The sample scores (and code lengths) of a pass, in scoring order, then the derived
+  ones (`likelihood_derived`)."""
+
+  def __init__(self, family, bg, coder):
+    self.family, self.bg, self.coder = family, bg, coder
+    self.scores = {k: [] for k in score_names(family, bg)}
+    self.lengths = {k: [] for k in (coder.names if coder else ())}
+
+  def add(self, scored: Scored) -> None:
+    for k in self.scores:
+      self.scores[k].append(scored.scores[k][scored.valid])
+    for k in self.lengths:
+      self.lengths[k].append(scored.lengths[k][scored.valid])
+
+  def result(self, config, shape) -> dict:
+    """Every score as float64 (N,), with the complexity and likelihood-ratio scores."""
+    scores = {k: np.concatenate(v).astype(np.float64) for k, v in self.scores.items()}
+    raw_bg = {k[len(background.PREFIX):]: scores.pop(k) for k in list(scores)
+              if k.startswith(background.PREFIX)}
+    if self.coder is not None:
+      self.coder.close()
+    return likelihood_derived(
+        self.family, scores, int(np.prod(shape)), int(config.data.bit_depth),
+        lengths={k: np.concatenate(v) for k, v in self.lengths.items()}
+        if self.coder else None,
+        background_family=self.bg[0] if self.bg else None, background_scores=raw_bg)
+
+
+def likelihood_derived(family, scores: dict, num_dims: int, bit_depth: int, *,
+                       lengths: dict | None = None, background_family=None,
+                       background_scores: dict | None = None) -> dict:
+  """`scores` with the scores derived from the family's likelihood scores: Serrà et
+  al.'s complexity correction (with `lengths`, `complexity.lengths` of the same images)
+  and Ren et al.'s likelihood ratio (with a background family and its scores of the
+  same images). The eval binary and the grid both use it."""
+  scores = dict(scores)
+  if lengths is None and background_family is None:
+    return scores
+  model_bpd = family.likelihood_bpd(scores, num_dims, bit_depth)
+  if background_family is not None:
+    scores.update(background.llr_scores(model_bpd, background_family.likelihood_bpd(
+        background_scores, num_dims, bit_depth)))
+  if lengths is not None:
+    scores.update(complexity_lib.corrected_scores(model_bpd, lengths))
+  return scores
+
+
+def validation_auroc(family, variables, config: ml_collections.ConfigDict, mesh,
+                     spatial_ndim: int, bg=None) -> dict | None:
+  """AUROC of every sample score on the validation split, or None when it has no
+  anomalous (or no normal) image to rank scores with.
+
+  The same pass as the eval binary's (batches, keys, complexity, background), sample
+  scores only, so `--split=val` reports the same numbers.
+  """
+  split = pipeline.load_split(config.data, "val")
+  if split is None or not 0 < split.anomalous.sum() < len(split.source):
+    return None
+  acc = SampleScores(family, bg, make_coder(family, config))
+  anomalous = []
+  for scored in score_split(make_score_fn(family, False), variables, batches(split, config),
+                            mesh, keys.purpose_key(config.seed, keys.EVAL), bg=bg,
+                            coder=acc.coder):
+    acc.add(scored)
+    anomalous.append(split.anomalous[scored.index[scored.valid]])
+  scores = acc.result(config, state_lib.image_shape(config, spatial_ndim))
+  anomalous = np.concatenate(anomalous)
+  out = {}
+  for k, v in scores.items():
+    try:
+      out[k] = metrics.auroc(anomalous, v)
+    except DataError:  # non-finite scores of a diverged model
+      out[k] = None
+  return out
