@@ -6,7 +6,7 @@ caller passes (999·t for the continuous VP-SDE of Song et al., "Score-Based Gen
 Modeling through Stochastic Differential Equations", 2021). The score
 score(x, t) = -net(x, 999t)/σ(t) is computed by the caller in jaxad/objectives/sde.py,
 not here. With the default fields, `score_unet_64()` matches the PyTorch ScoreUNet of
-/work/shared/bench (score64) parameter for parameter: 8,952,067 parameters.
+../shared/bench (score64) parameter for parameter: 8,952,067 parameters.
 
   model = build_unet(config.model.unet, image_shape=(64, 64, 3))
   variables = model.init(rng, x, t_label, train=False)

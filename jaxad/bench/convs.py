@@ -1,4 +1,4 @@
-"""Where the conv models' time goes on this backend: `python -m jaxad.bench_convs`.
+"""Where the conv models' time goes on this backend: `python -m jaxad.bench.convs`.
 
 Times single convolutions of the shapes the benchmarked models use (batch 32, NHWC,
 float32), forward and forward + both gradients, and prints GFLOP/s beside the matmul
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxad import bench
+from jaxad.bench import timing
 
 BATCH = 32
 # (model, side, c_in, c_out, kernel, stride, layers of this shape per step)
@@ -56,12 +56,12 @@ def conv_rates(side, c_in, c_out, kernel, stride, repeats=5):
   for fn in (fwd, both):
     call = lambda fn=fn: jax.block_until_ready(fn(x, w))
     call()
-    times.append(statistics.median(bench._run_timed(call, 1) for _ in range(repeats)))  # pylint: disable=protected-access
+    times.append(statistics.median(timing.run_timed(call, 1) for _ in range(repeats)))
   return (1e3 * times[0], flops / times[0] / 1e9, 1e3 * times[1], 3 * flops / times[1] / 1e9)
 
 
 def main() -> None:
-  peak = bench.measure_peak((2048,), repeats=3, min_s=0.2)["xla_sgemm_2048"]["median"]
+  peak = timing.measure_peak((2048,), repeats=3, min_s=0.2)["xla_sgemm_2048"]["median"]
   print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}; matmul peak "
         f"{peak:.1f} GFLOP/s; batch {BATCH}, NHWC float32")
   print("| model | conv | per step | fwd ms | fwd GFLOP/s | fwd+grads ms | fwd+grads GFLOP/s "
@@ -75,5 +75,5 @@ def main() -> None:
 
 if __name__ == "__main__":
   if len(sys.argv) > 1:
-    sys.exit("usage: python -m jaxad.bench_convs (no arguments)")
+    sys.exit("usage: python -m jaxad.bench.convs (no arguments)")
   main()
