@@ -106,6 +106,24 @@ def _check_finite(metrics: dict, step: int) -> None:
         "checkpoint with a smaller learning rate.")
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _check_finite_params(state: TrainState, step: int, ckpt) -> None:
+  """Refuses to checkpoint non-finite parameters; names the last good checkpoint."""
+  if bool(_all_finite((state.params, state.ema_params))):
+    return
+  last = ckpt.latest_step()
+  where = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+           else "no checkpoint was saved")
+  raise FloatingPointError(
+      f"training diverged by step {step}: non-finite parameters, not saved ({where}). "
+      "Lower train.learning_rate (or set train.grad_clip) and run the same command again.")
+
+
 class _Writer:
   """TensorBoard scalars from process 0 (a no-op elsewhere)."""
 
@@ -200,9 +218,14 @@ class _Log:
     self.pending = None
     _check_finite(self.window[-1], step)
 
+  def check(self, step: int) -> None:
+    """Checks the metrics of `step` now (before a checkpoint of its state is saved)."""
+    if self.pending is not None:
+      self._fetch(step)
+
   def flush(self, step: int, state: TrainState) -> None:
     """Logs the window's means at `step`."""
-    self._fetch(step)
+    self.check(step)
     now = time.perf_counter()
     means = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]}
     means["images_per_second"] = len(self.window) * self.batch_size / (now - self.tick)
@@ -251,6 +274,8 @@ def _loop(run: _Run, state: TrainState, logs: _Log, stop_at_step) -> tuple[Train
     if val_step is not None and schedule.due(step, run.steps_per_epoch):
       state = _validate_epoch(run, val_step, state, step, logs)
     if schedule.due(step, t.checkpoint_every_steps, run.num_steps) or int(state.stopped):
+      logs.check(step)  # never save the state of a step whose loss was not finite
+      _check_finite_params(state, step, run.ckpt)
       run.ckpt.save(step, state)
     if stop_at_step is not None and step >= stop_at_step:
       break

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxad import trainer
+from jaxad import checkpoint, parallel, trainer
+from jaxad import state as state_lib
 from jaxad.errors import CheckpointError, ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +95,25 @@ def test_divergence_names_the_step(make_config, tmp_path):
   config = make_config(**{"train.learning_rate": 1e30, "train.num_steps": 30})
   with pytest.raises(FloatingPointError, match="diverged at step"):
     trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_divergence_saves_no_non_finite_checkpoint(make_config, tmp_path):
+  # A checkpoint every step: the step whose loss is not finite is checked before its
+  # state is saved (the check used to run one step late, after the save).
+  config = make_config(**{"train.learning_rate": 1e30, "train.num_steps": 30,
+                          "train.checkpoint_every_steps": 1, "train.log_every_steps": 100})
+  with pytest.raises(FloatingPointError, match="diverged") as err:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpoint.Checkpoints(str(tmp_path))
+  steps = ckpt.all_steps()
+  ckpt.close()
+  assert steps, "the first steps were finite and should have been saved"
+  bad = int(re.search(r"step (\d+)", str(err.value)).group(1))
+  assert max(steps) < bad
+  _, variables, step = state_lib.restore_variables(config, str(tmp_path), 2,
+                                                   parallel.make_mesh())
+  assert step == max(steps)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables["params"]))
 
 
 # Bad input: each fails before anything compiles, with a message that names the fix.
