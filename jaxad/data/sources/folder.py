@@ -19,12 +19,5 @@ LAYOUT = walk.Layout(
 
 def load(data, split: str, key: str) -> base.Source:
   """ROOT/<split>/<class>/*.{png,jpg,tif,...} as 2D images, ROOT = data.path."""
-  root = data.get("path", "")
-  found = walk.find(data, split, key, LAYOUT)
-  return base.Source(
-      name=f"folder:{root}[{split}]", class_names=found.class_names,
-      labels=found.labels, ids=base.str_array(found.ids), groups=None,
-      has_masks=found.mask_paths is not None, spatial_ndim=2,
-      reader=pixels.file_reader(found.paths, found.mask_paths, pixels.decode_image,
-                                pixels.read_mask),
-      from_files=True)
+  return walk.load(data, split, key, LAYOUT, "folder", 2, pixels.decode_image,
+                   pixels.read_mask)

@@ -56,14 +56,7 @@ def read_nifti(path: str) -> np.ndarray:
 
 def load(data, split: str, key: str) -> base.Source:
   """ROOT/<split>/<class>/*.nii[.gz] as 3D volumes, ROOT = data.path."""
-  root = data.get("path", "")
-  found = walk.find(data, split, key, LAYOUT)
-  return base.Source(
-      name=f"nifti:{root}[{split}]", class_names=found.class_names,
-      labels=found.labels, ids=base.str_array(found.ids), groups=None,
-      has_masks=found.mask_paths is not None, spatial_ndim=3,
-      reader=pixels.file_reader(found.paths, found.mask_paths, read_nifti, _read_mask),
-      from_files=True)
+  return walk.load(data, split, key, LAYOUT, "nifti", 3, read_nifti, _read_mask)
 
 
 def _read_mask(path: str, volume: np.ndarray, volume_path: str) -> np.ndarray:

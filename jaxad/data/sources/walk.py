@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxad.data.sources import base
+from jaxad.data.sources import base, pixels
 from jaxad.errors import DataError
 
 MASKS_FOLDER = "masks"  # ROOT/<split>/masks/<class>/<stem>.<ext>
@@ -63,6 +63,19 @@ def find(data, split: str, key: str, layout: Layout) -> Found:
   return Found(class_names=class_names, paths=paths, ids=ids,
                labels=np.asarray(labels, np.int32),
                mask_paths=mask_paths if has_masks else None)
+
+
+def load(data, split: str, key: str, layout: Layout, kind: str, spatial_ndim: int,
+         read: Callable, read_mask: Callable) -> base.Source:
+  """The Source of a walked folder: `read(path)` each example, `read_mask(path, image,
+  image_path)` its mask (an all-zero one where it has none)."""
+  found = find(data, split, key, layout)
+  return base.Source(
+      name=f"{kind}:{data.get('path', '')}[{split}]", class_names=found.class_names,
+      labels=found.labels, ids=base.str_array(found.ids), groups=None,
+      has_masks=found.mask_paths is not None, spatial_ndim=spatial_ndim,
+      reader=pixels.file_reader(found.paths, found.mask_paths, read, read_mask),
+      from_files=True)
 
 
 def _split_dir(root: str, split: str, key: str, layout: Layout) -> str:
