@@ -299,8 +299,8 @@ class _GroupRun:
 
 
 def _setup_group(group: Group, directory: str, mesh, data: GroupData):
-  """The group's run (compiled steps, data on the devices) and its initial or restored
-  stacked state."""
+  """The group's run (compiled steps, data on the devices), its initial or restored
+  stacked state and the step it starts from."""
   config, members = group.config, group.members
   t = config.train
   seeds = [int(m.config.seed) for m in members]
@@ -325,10 +325,11 @@ def _setup_group(group: Group, directory: str, mesh, data: GroupData):
                *padded_batches([s.normal_indices for s in data.val_splits], int(t.batch_size)))
   state = init_state(model, kind, tx, data.shape, seeds,
                      _member_values(group, lambda c: c.train.learning_rate), layout)
-  if run.ckpt.latest_step():
+  start = int(run.ckpt.latest_step() or 0)
+  if start:
     state = run.ckpt.restore(state)
-    log.info("%s: resumed at step %d", group.name, run.ckpt.latest_step())
-  return run, state
+    log.info("%s: resumed at step %d", group.name, start)
+  return run, state, start
 
 
 def _validate_members(run: _GroupRun, state, host: dict, ended, diverged, step: int):
@@ -373,12 +374,12 @@ class _Progress:
     self.window, self.images, self.tick = [], 0, now
 
 
-def _group_loop(run: _GroupRun, state, progress: _Progress, stop_at_step):
+def _group_loop(run: _GroupRun, state, start: int, progress: _Progress, stop_at_step):
   """Steps every active member until none is (or stop_at_step); (state, step, finished)."""
   t, spe = run.group.config.train, run.streams.steps_per_epoch
   host = _host_schedule(state)
   diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
-  total, step = int(run.num_steps.max()), int(run.ckpt.latest_step() or 0)
+  total, step = int(run.num_steps.max()), start
   active_now = lambda: (step < run.num_steps) & (host["stopped"] == 0) & ~diverged
   while (active := active_now()).any():
     idx = run.layout.put(run.streams.indices(step), run.layout.batch)
@@ -410,14 +411,14 @@ def train_group(group: Group, directory: str, mesh, *, data: GroupData | None = 
   (global) step as if interrupted; the summary then has finished=False.
   """
   data = load_data(group) if data is None else data
-  run, state = _setup_group(group, directory, mesh, data)
-  start, total = int(run.ckpt.latest_step() or 0), int(run.num_steps.max())
+  run, state, start = _setup_group(group, directory, mesh, data)
+  total = int(run.num_steps.max())
   bar = _Progress(run, start, total, progress)
   log.info("%s: %d members, %d steps at most, %s/epoch, layout %s", group.name,
            len(group.members), total, sorted(set(run.streams.steps_per_epoch.tolist())),
            run.layout.members.spec)
   try:
-    state, step, finished = _group_loop(run, state, bar, stop_at_step)
+    state, step, finished = _group_loop(run, state, start, bar, stop_at_step)
   finally:
     bar.bar.close()
     run.ckpt.close()
