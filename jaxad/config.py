@@ -17,10 +17,24 @@ from jaxad.errors import CheckpointError, ConfigError
 
 MODEL_NAMES = {"vae": ("conv_vae", "mlp_vae"), "score": ("unet",),
                "gan": ("dcgan", "wgan_gp")}
-# Keys whose change makes an existing checkpoint unusable (parameter shapes, data shapes).
-ARCHITECTURE_KEYS = ("model", "data.image_size", "data.depth", "data.channels")
-# Keys whose being on (> 0) or off changes the train state's structure.
-SWITCH_KEYS = ("train.ema_rate", "train.warmup_steps", "train.grad_clip")
+# What may differ when a workdir's training resumes: how long and how often, where the
+# same data lives, and what only the eval binary reads. Any other difference would
+# continue a checkpoint under a config it was not trained with. The background model is
+# checked against its own WORKDIR/background/config.json when it trains.
+RESUME_MAY_CHANGE = (
+    "train.num_epochs", "train.num_steps", "train.checkpoint_every_steps",
+    "train.keep_checkpoints", "train.log_every_steps", "train.progress_bar",
+    "data.path", "data.image_dir", "data.mask_dir", "data.data_dir", "data.check_files",
+    "data.check_files_max", "data.test_split", "data.synthetic_lesions", "eval",
+    "background")
+# What the eval binary may override on top of the workdir's config: eval settings, where
+# the data lives, which splits and lesions it scores, and whether the likelihood ratio
+# is added. The model, the image preprocessing and the classes are what was trained.
+EVAL_MAY_CHANGE = (
+    "eval", "data.path", "data.image_dir", "data.mask_dir", "data.data_dir",
+    "data.check_files", "data.check_files_max", "data.train_split", "data.val_split",
+    "data.test_split", "data.val_fraction", "data.synthetic_lesions",
+    "background.enabled", "background.path", "train.progress_bar")
 
 
 def _choice(value, valid, key):
@@ -153,14 +167,6 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
-def _lookup(tree: dict, dotted: str):
-  for part in dotted.split("."):
-    if not isinstance(tree, dict) or part not in tree:
-      return None
-    tree = tree[part]
-  return tree
-
-
 def differences(a, b, prefix: str = "") -> list[str]:
   """Every leaf where the saved tree `a` and the new tree `b` differ, as readable lines."""
   if isinstance(a, dict) and isinstance(b, dict):
@@ -169,20 +175,55 @@ def differences(a, b, prefix: str = "") -> list[str]:
   return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
 
 
+def _may_change(key: str, allowed) -> bool:
+  return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def changed_keys(saved: dict, now: dict, allowed=()) -> list[str]:
+  """Every leaf where `now` differs from `saved`, except keys under `allowed`, as
+  "key: old in the workdir, new now" lines. Keys one side lacks (a config written by
+  another jaxad version) are skipped: there is nothing to compare them with."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [line for key in sorted(set(saved) & set(now))
+            for line in _changed(key, saved[key], now[key], allowed)]
+  return []
+
+
+def _changed(key, saved, now, allowed) -> list[str]:
+  if _may_change(key, allowed):
+    return []
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [line for k in sorted(set(saved) & set(now))
+            for line in _changed(f"{key}.{k}", saved[k], now[k], allowed)]
+  return [] if saved == now else [f"{key}: {saved!r} in the workdir, {now!r} now"]
+
+
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a workdir whose checkpoint was made for other shapes."""
-  now = to_dict(config)
-  diffs = [d for key in ARCHITECTURE_KEYS
-           for d in differences(_lookup(saved, key), _lookup(now, key), key)]
-  for key in SWITCH_KEYS:
-    was, is_ = bool(_lookup(saved, key) or 0), bool(_lookup(now, key) or 0)
-    if was != is_:
-      diffs.append(f"{key}: {'on' if was else 'off'} in the workdir, {'on' if is_ else 'off'} now")
+  """Refuses to resume a workdir whose checkpoint was trained under another config.
+
+  Only `RESUME_MAY_CHANGE` (duration, cadence, data location, eval) may differ; any
+  other change (dataset, seed, classes, model, optimiser) is a CheckpointError listing
+  each key with its old and new value.
+  """
+  diffs = changed_keys(saved, to_dict(config), RESUME_MAY_CHANGE)
   if diffs:
     raise CheckpointError(
-        f"the checkpoint in {workdir} was trained with a different model, image shape "
-        f"or optimiser state ("
-        + "; ".join(diffs) + "): use a new --workdir, or the workdir's config.json")
+        f"{workdir} holds a checkpoint trained with another config ("
+        + "; ".join(diffs) + "): use a new --workdir for a new run, or resume with the "
+        f"values in {os.path.join(workdir, 'config.json')} (only duration, logging and "
+        "checkpoint cadence, data paths and eval.* may change)")
+
+
+def check_eval_overrides(saved: dict, config: ml_collections.ConfigDict,
+                         workdir: str) -> None:
+  """Refuses eval overrides that contradict what the workdir's model was trained with
+  (`EVAL_MAY_CHANGE` lists what may be overridden)."""
+  diffs = changed_keys(saved, to_dict(config), EVAL_MAY_CHANGE)
+  if diffs:
+    raise ConfigError(
+        f"the model in {workdir} was trained with other values ("
+        + "; ".join(diffs) + "): the eval binary may override only eval.*, data paths, "
+        "splits and synthetic lesions, and background.enabled; drop the other overrides")
 
 
 def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:

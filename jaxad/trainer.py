@@ -25,6 +25,7 @@ from jaxad import config as config_lib
 from jaxad import schedule
 from jaxad import state as state_lib
 from jaxad.data import pipeline
+from jaxad.errors import CheckpointError
 from jaxad.state import TrainState
 
 log = logging.getLogger("jaxad")
@@ -150,12 +151,18 @@ def _progress(total: int, initial: int, enabled: bool):
               dynamic_ncols=True, mininterval=1.0)
 
 
-def _prepare_workdir(config, workdir, ckpt) -> None:
+def _check_workdir(config, workdir: str, ckpt) -> None:
+  """A workdir with checkpoints resumes only under its own config (`check_compatible`),
+  checked before any data is read; config.json always describes its checkpoints."""
   path = os.path.join(workdir, "config.json")
-  if ckpt.latest_step() is not None and os.path.exists(path):
-    config_lib.check_compatible(files.read_json(path), config, workdir)
-  if jax.process_index() == 0:
-    files.write_json(path, config_lib.to_dict(config))
+  if ckpt.latest_step() is None:
+    return
+  if not os.path.exists(path):
+    raise CheckpointError(
+        f"{ckpt.directory} holds checkpoints but {path} is missing, so nothing says "
+        "which config they were trained with: use a new --workdir, or restore "
+        "config.json")
+  config_lib.check_compatible(files.read_json(path), config, workdir)
 
 
 @dataclasses.dataclass
@@ -175,6 +182,8 @@ class _Run:
 def _setup(config, workdir: str, devices) -> tuple[_Run, TrainState]:
   """Loads the splits, builds the model and the mesh, and creates or restores the state."""
   t = config.train
+  ckpt = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
+  _check_workdir(config, workdir, ckpt)
   train_split = pipeline.load_split(config.data, "train")
   val_split = pipeline.load_split(config.data, "val")
   schedule.check_validation(val_split is not None, schedule.needs_validation(t))
@@ -184,9 +193,9 @@ def _setup(config, workdir: str, devices) -> tuple[_Run, TrainState]:
   ndim = train_split.source.spatial_ndim
   family, tx = state_lib.build(config, ndim)
   run = _Run(config, train_split, val_split, mesh, family, tx, steps_per_epoch,
-             config_lib.total_steps(config, steps_per_epoch),
-             checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints))
-  _prepare_workdir(config, workdir, run.ckpt)
+             config_lib.total_steps(config, steps_per_epoch), ckpt)
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   args = (family, tx, state_lib.image_shape(config, ndim), config.seed, mesh, bool(t.ema_rate))
   if run.ckpt.latest_step() is None:
     return run, state_lib.create_state(*args)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxad import checkpoint, parallel, trainer
+from jaxad import config as config_lib
 from jaxad import state as state_lib
 from jaxad.errors import CheckpointError, ConfigError, DataError
 
@@ -132,6 +133,34 @@ def test_checkpoint_of_other_model_is_refused(make_config, tmp_path):
   trainer.train_and_evaluate(make_config(**{"train.num_steps": 5}), str(tmp_path))
   with pytest.raises(CheckpointError, match="model.latent_dim: 4 in the workdir, 8 now"):
     trainer.train_and_evaluate(make_config(**{"model.latent_dim": 8}), str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value", [("seed", 1), ("data.normal_classes", ("anomalous",)),
+                                       ("data.synthetic.num_examples", 32),
+                                       ("train.learning_rate", 1e-2)])
+def test_workdir_reused_for_another_run_is_refused(make_config, tmp_path, key, value):
+  """Another dataset, seed, classes or optimiser: refused, key named, config.json kept."""
+  trainer.train_and_evaluate(make_config(**{"train.num_steps": 5}), str(tmp_path))
+  saved = (tmp_path / "config.json").read_text()
+  with pytest.raises(CheckpointError, match=rf"{key}: .* in the workdir, .* now"):
+    trainer.train_and_evaluate(make_config(**{key: value}), str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == saved
+
+
+def test_workdir_resumes_with_longer_training_and_other_cadence(make_config, tmp_path):
+  trainer.train_and_evaluate(make_config(**{"train.num_steps": 5}), str(tmp_path))
+  config = make_config(**{"train.num_steps": 8, "train.log_every_steps": 2,
+                          "train.checkpoint_every_steps": 4, "eval.num_samples": 3})
+  state, _ = trainer.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 8
+  assert config_lib.load_workdir_config(str(tmp_path)).train.num_steps == 8
+
+
+def test_checkpoints_without_config_json_are_refused(make_config, tmp_path):
+  trainer.train_and_evaluate(make_config(**{"train.num_steps": 5}), str(tmp_path))
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(CheckpointError, match="config.json is missing"):
+    trainer.train_and_evaluate(make_config(), str(tmp_path))
 
 
 def test_unknown_dataset(make_config, tmp_path):
