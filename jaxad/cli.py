@@ -16,12 +16,16 @@ A binary adopts it in two lines:
     cli.run(main)  # app.run(main), with help that exits 0
 
 `exit_on_error()` alone maps the errors (e.g. around loading a config before
-`cli.run`); `setup_logging()` alone sets up the "jaxad" logger.
+`cli.run`); `setup_logging()` alone sets up the "jaxad" logger. Flag mistakes (an
+unknown `--config.*` key, a bad value, a config file that does not load) end the same
+way, before main runs. `--verbose` prints the traceback as well.
 """
 
 import contextlib
 import logging
+import re
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 
 from absl import app, flags
@@ -36,6 +40,9 @@ ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError)
 _HELP_FLAGS = {"h": "--help", "?": "--help", "help": "--help", "helpshort": "--help",
                "helpfull": "--helpfull", "helpxml": "--helpxml"}
 _handler: logging.Handler | None = None
+
+flags.DEFINE_boolean("verbose", False, "On an error, print its full traceback as well as "
+                     "the one-line message.")
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
@@ -68,7 +75,21 @@ def exit_on_error() -> Iterator[None]:
   try:
     yield
   except ERRORS as e:
-    raise SystemExit(error_message(e)) from None
+    _fail(e)
+
+
+def _verbose() -> bool:
+  """--verbose, also before the flags are parsed (errors while loading a config)."""
+  if flags.FLAGS.is_parsed():
+    return flags.FLAGS.verbose
+  return any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in sys.argv)
+
+
+def _fail(e: BaseException, hint: str = "", message: str = ""):
+  """Exits 1 with `message` or `error: <e>` plus `hint`; --verbose prints the traceback."""
+  if _verbose():
+    traceback.print_exception(e)
+  raise SystemExit((message or error_message(e)) + hint) from None
 
 
 @contextlib.contextmanager
@@ -121,7 +142,7 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) 
   argv = list(sys.argv if argv is None else argv)
   wanted = _help_flag(argv)
   if wanted is None:
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=parse_flags)
     return
   app.define_help_flags()
   try:
@@ -129,3 +150,54 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) 
   except SystemExit:
     pass
   sys.exit(0)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every mistake one `error: ...` line (exit 1).
+
+  Config files load lazily in ml_collections; they are loaded here, so a missing or
+  broken file fails with the flags, not from inside main.
+  """
+  try:
+    rest = flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 (a bad value or key)
+    _fail_parsing(e, argv)
+  _load_config_file()
+  return rest
+
+
+def _load_config_file() -> None:
+  if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
+    return
+  try:
+    flags.FLAGS["config"].value.keys()  # loads the file (or raises its error)
+  except Exception as e:  # noqa: BLE001 (a missing file, or one that fails)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    path = getattr(flags.FLAGS["config"], "config_filename", "")
+    _fail(e, message=f"error: cannot load --config={path}: "
+          f"{lines[-1] if lines else type(e).__name__}")
+
+
+def _fail_parsing(e: BaseException, argv: Sequence[str]):
+  """A flag that does not parse: an unknown --config.* key is named, with absl's
+  suggestion; anything else is its own message."""
+  arg = _unknown_key(e, argv)
+  if arg is None and isinstance(e, flags.Error):
+    _fail(e, " (--help lists the flags; --verbose shows the traceback)")
+  if arg is None:  # raised while the config file ran
+    given = next((a for a in argv if a.startswith("--config=")), "--config")
+    _fail(e, message=f"error: cannot load {given}: {type(e).__name__}: "
+          + error_message(e).removeprefix("error: ") + " (--verbose shows the traceback)")
+  suggestion = re.search(r'Did you mean "([^"]+)"', str(e))
+  _fail(e, message=f"error: {arg}: the config has no such key"
+        + (f" (did you mean {suggestion[1]!r}?)" if suggestion else "")
+        + "; --helpfull lists every --config.* key")
+
+
+def _unknown_key(e: BaseException, argv: Sequence[str]) -> str | None:
+  """The `--config.a.b` override that names a key the config lacks, if that is `e`."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return None
+  names = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+  return next((n for n in names
+               if re.search(rf"\b{re.escape(n.split('.')[-1])}\b", str(e))), None)

@@ -3,8 +3,9 @@
 Loads DIR/config.json and the latest checkpoint, computes every sample-wise score and,
 when masks or synthetic lesions exist, every pixel map; writes DIR/eval/<split>/scores.csv
 and .npz, DIR/eval/metrics.json and DIR/eval/report.html, and prints the headline table.
-Any config value can be overridden (`--config.eval.num_samples=100`,
-`--config.data.synthetic_lesions.enabled=True`). `--input=PATH` scores an unlabelled
+Eval settings, data paths, splits and lesions can be overridden
+(`--config.eval.num_samples=100`, `--config.data.synthetic_lesions.enabled=True`); an
+override of what the model was trained with (model, preprocessing, classes) is refused. `--input=PATH` scores an unlabelled
 image folder or .npz instead (batch scoring, flat memory). Multi-process: run the same
 command in every process (with `--coordinator_address`, `--num_processes`,
 `--process_id` where the cluster does not provide them); each scores its shard of every
@@ -57,8 +58,11 @@ def _define_config_flag(argv) -> None:
 
 def main(argv):
   cli.check_no_args(argv)
-  from jaxad import evaluation
+  from jaxad import config as config_lib
+  from jaxad import evaluation, files
   with cli.session():
+    saved = files.read_json(os.path.join(FLAGS.workdir, "config.json"))
+    config_lib.check_eval_overrides(saved, FLAGS.config, FLAGS.workdir)
     result = evaluation.evaluate(FLAGS.workdir, split=FLAGS.split, input_path=FLAGS.input,
                                  config=FLAGS.config)
   if not parallel.is_main_process():
