@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad.data import pipeline
+from jaxad.data import pipeline, sources
 from jaxad.errors import DataError
 
 
@@ -176,3 +176,157 @@ def test_training_stops_on_a_bad_file_before_building_anything(make_config, tmp_
   with pytest.raises(DataError, match=r"cut\.png.*\n.*junk\.png"):
     trainer.train_and_evaluate(config, str(workdir))
   assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------
+# pixel values: NaN / inf and float images outside [0, 1] are named, never trained on
+
+
+def _float_npz(path, bad=None, scale=1.0, seed=0):
+  """MedMNIST keys with float32 images in [0, 1]·scale; bad = (split, row, value)."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in (("train", 20), ("val", 6), ("test", 6)):
+    arrays[f"{split}_images"] = (rng.random((n, 28, 28)) * scale).astype(np.float32)
+    arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
+  if bad is not None:
+    split, row, value = bad
+    arrays[f"{split}_images"][row, 5, 7] = value
+  np.savez(path, **arrays)
+
+
+def _npz_config(make_config, path, **overrides):
+  return make_config(**{"data.source": "npz", "data.path": str(path),
+                        "data.normal_classes": (0,), **overrides})
+
+
+@pytest.mark.parametrize("role, row, value", [
+    ("train", 4, np.nan), ("train", 4, np.inf), ("val", 3, -np.inf), ("test", 5, np.nan)])
+def test_non_finite_npz_pixels_are_named_when_the_split_loads(make_config, tmp_path, role,
+                                                              row, value):
+  _float_npz(tmp_path / "f.npz", bad=(role, row, value))
+  config = _npz_config(make_config, tmp_path / "f.npz")
+  with pytest.raises(DataError) as e:
+    pipeline.load_split(config.data, role)
+  assert str(e.value).startswith(f"1 of the {20 if role == 'train' else 6} examples of "
+                                 f"npz:{tmp_path / 'f.npz'}[{role}] have NaN or infinite")
+  assert f"example {role}/{row} has 1 NaN or infinite pixels (of 784)" in str(e.value)
+  assert "np.nan_to_num" in str(e.value)
+
+
+def test_non_finite_pixels_in_a_held_out_val_set_are_named(make_config, tmp_path):
+  _float_npz(tmp_path / "f.npz", bad=("train", 7, np.nan))
+  config = _npz_config(make_config, tmp_path / "f.npz", **{"data.val_split": "",
+                                                           "data.val_fraction": 0.25})
+  val = sources.get_source(config.data, "val")
+  role = "val" if "train/7" in set(val.ids) else "train"
+  with pytest.raises(DataError, match=r"held-out val 0.25 have NaN.*example train/7 has"):
+    pipeline.load_split(config.data, role)
+  other = "train" if role == "val" else "val"
+  assert pipeline.load_split(config.data, other) is not None  # its part has no NaN
+
+
+def test_training_on_a_nan_pixel_stops_before_building_anything(make_config, tmp_path):
+  from jaxad import trainer
+  _float_npz(tmp_path / "f.npz", bad=("train", 2, np.nan))
+  config = _npz_config(make_config, tmp_path / "f.npz", **{"train.batch_size": 8})
+  with pytest.raises(DataError, match=r"example train/2 has 1 NaN"):
+    trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
+  assert not (tmp_path / "workdir" / "config.json").exists()  # stopped at load_split
+
+
+def test_float_npz_stored_as_0_255_needs_an_intensity_range(make_config, tmp_path):
+  _float_npz(tmp_path / "f.npz", scale=255.0)
+  config = _npz_config(make_config, tmp_path / "f.npz")
+  with pytest.raises(DataError) as e:
+    pipeline.load_split(config.data, "test")
+  message = str(e.value)
+  assert message.startswith(f"6 of the 6 examples of npz:{tmp_path / 'f.npz'}[test] have "
+                            "float pixels outside [0, 1]")
+  assert "pixels of example test/0 lie in [" in message
+  assert "but float images must be in [0, 1]" in message
+  assert "set data.intensity_range=(0, 255)" in message and "store uint8" in message
+  # With the range it names, the same file maps as if it were uint8.
+  config = _npz_config(make_config, tmp_path / "f.npz",
+                       **{"data.intensity_range": (0, 255)})
+  split = pipeline.load_split(config.data, "test")
+  batch = next(pipeline.eval_batches(split, config.data, global_batch=6))
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  assert batch["image"].std() > 0.1  # not saturated at 1
+  minmax = _npz_config(make_config, tmp_path / "f.npz", **{"data.intensity": "minmax"})
+  assert pipeline.load_split(minmax.data, "test") is not None
+
+
+def test_float_npz_in_the_unit_range_passes(make_config, tmp_path):
+  _float_npz(tmp_path / "f.npz")
+  config = _npz_config(make_config, tmp_path / "f.npz")
+  for role in ("train", "val", "test"):
+    assert len(pipeline.load_split(config.data, role).source) > 0
+
+
+def _float_tiffs(root, bad_value=None, scale=1.0):
+  """ROOT/train/NORMAL: four 32-bit float TIFFs (mode F), b.tif with one bad pixel."""
+  folder = root / "train" / "NORMAL"
+  folder.mkdir(parents=True)
+  for k, name in enumerate("abcd"):
+    x = np.full((10, 12), 0.2 * k, np.float32) * scale
+    if name == "b" and bad_value is not None:
+      x[3, 4] = bad_value
+    Image.fromarray(x, mode="F").save(folder / f"{name}.tif")
+  return folder
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_float_tiff_is_named(make_config, tmp_path, value):
+  folder = _float_tiffs(tmp_path, bad_value=value)
+  base = {"data.source": "folder", "data.path": str(tmp_path),
+          "data.normal_classes": ("NORMAL",), "data.val_split": ""}
+  with pytest.raises(DataError) as e:  # data.check_files: before anything compiles
+    pipeline.load_split(make_config(**base).data, "train")
+  assert str(e.value).startswith("1 of the 4 examples of folder:")
+  assert (f"example NORMAL/b.tif of folder:{tmp_path}[train] has 1 NaN or infinite "
+          "pixels (of 120)") in str(e.value)
+  unchecked = make_config(**base, **{"data.check_files": False})
+  split = pipeline.load_split(unchecked.data, "train")
+  with pytest.raises(DataError, match=r"^example NORMAL/b.tif of folder:.* has 1 NaN"):
+    list(pipeline.eval_batches(split, unchecked.data, global_batch=4))
+  with pytest.raises(DataError, match="example NORMAL/b.tif"):  # and in training
+    next(pipeline.train_batches(split, unchecked.data, seed=0, global_batch=4))
+
+
+def test_float_tiff_outside_the_unit_range_is_named(make_config, tmp_path):
+  _float_tiffs(tmp_path, scale=255.0)
+  base = {"data.source": "folder", "data.path": str(tmp_path),
+          "data.normal_classes": ("NORMAL",), "data.val_split": ""}
+  with pytest.raises(DataError, match=r"example NORMAL/c.tif of folder:.* lie in "
+                     r"\[102, 102\] but float images must be in \[0, 1\].*"
+                     r"data.intensity_range=\(0, 255\)"):
+    pipeline.load_split(make_config(**base).data, "train")
+  ranged = make_config(**base, **{"data.intensity_range": (0, 255)})
+  split = pipeline.load_split(ranged.data, "train")
+  batch = next(pipeline.eval_batches(split, ranged.data, global_batch=4))
+  np.testing.assert_allclose(batch["image"][:, 0, 0, 0], [-1.0, -0.6, -0.2, 0.2],
+                             atol=1e-5)
+
+
+def test_unlabeled_npz_input_with_a_nan_pixel_is_named(make_config, tmp_path):
+  """python -m jaxad.evaluate --input=X.npz: the input is checked as evaluation._job
+  does (check_files), and each image again when it is read."""
+  images = np.random.default_rng(0).random((5, 28, 28)).astype(np.float32)
+  images[3, 0, 0] = np.nan
+  np.savez(tmp_path / "in.npz", images=images)
+  config = make_config()
+  source = sources.unlabeled_source(str(tmp_path / "in.npz"))
+  with pytest.raises(DataError, match=r"1 of the 5 examples of input:.*in\.npz have NaN"
+                     r".*example images/3 has 1 NaN"):
+    pipeline.check_files(source, config.data)
+  split = pipeline.Split(source, np.array([0]))
+  with pytest.raises(DataError, match=r"^example images/3 of input:.* has 1 NaN"):
+    list(pipeline.eval_batches(split, config.data, global_batch=5))
+
+
+def test_unlabeled_folder_input_with_a_nan_pixel_is_named(make_config, tmp_path):
+  _float_tiffs(tmp_path, bad_value=np.nan)
+  source = sources.unlabeled_source(str(tmp_path))
+  with pytest.raises(DataError, match=r"example train/NORMAL/b.tif of input:.* has 1 NaN"):
+    pipeline.check_files(source, make_config().data)

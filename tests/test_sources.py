@@ -508,3 +508,134 @@ def test_synthetic_is_deterministic_with_exact_lesion_masks():
   train = sources.get_source(_data(source="synthetic", synthetic=cfg), "train")
   assert train.labels.sum() == 0 and not train.read(0)[1].any()
   assert not np.array_equal(train.read(0)[0], test.read(0)[0])
+
+
+# ----------------------------------------------------------------------------------
+# one class rule for every source: numeric names sort by value, a name selects itself
+
+
+def _selected(source, selector):
+  """The ids of the images data.anomalous_classes=(selector,) marks anomalous."""
+  from jaxad.data import pipeline
+  data = _data(normal_classes=(), anomalous_classes=(selector,))
+  split = pipeline.Split(source, pipeline.normal_labels(source, data))
+  return sorted(source.ids[split.anomalous == 1])
+
+
+NUMBERED = tuple(str(k) for k in range(12))
+
+
+@pytest.mark.parametrize("selector", [9, "9"], ids=["int", "str"])
+def test_csv_numeric_label_column_selects_class_9(tmp_path, selector):
+  """Labels 0..11 in a label column: names sort by value, and 9 or '9' is class 9 (it
+  was '7': the names sorted as strings, '0', '1', '10', '11', '2', ...)."""
+  rows = []
+  for k in range(12):
+    for j in range(2):
+      _save(str(tmp_path / f"images/c{k}_{j}.png"), _gray(k))
+      rows.append([f"c{k}_{j}", str(k)])
+  _write_csv(str(tmp_path / "labels.csv"), ["image", "label"], rows)
+  source = sources.get_source(_data(source="csv", path=str(tmp_path / "labels.csv"),
+                                    image_dir=str(tmp_path / "images"), image_ext=".png",
+                                    label_column="label"), "train")
+  assert _selected(source, selector) == ["c9_0.png", "c9_1.png"]
+  assert source.class_names == NUMBERED
+  assert [source.class_names[i] for i in source.labels] == [r[1] for r in rows]
+
+
+@pytest.mark.parametrize("selector", [9, "9"], ids=["int", "str"])
+def test_folder_numbered_class_folders_select_class_9(tmp_path, selector):
+  for k in range(12):
+    _save(str(tmp_path / f"train/{k}/a.png"), _gray(k))
+  _save(str(tmp_path / "test/10/b.png"), _gray(10))  # names come from every split
+  source = sources.get_source(_data(path=str(tmp_path)), "train")
+  assert _selected(source, selector) == ["9/a.png"]
+  assert source.class_names == NUMBERED
+  assert source.read(list(source.ids).index("9/a.png"))[0][0, 0, 0] == 9
+
+
+def test_class_selectors_by_name_then_index():
+  def source(*names):
+    return sources.Source(name="t", class_names=names, labels=np.zeros(0, np.int32),
+                          ids=np.zeros(0, str), groups=None, has_masks=False,
+                          spatial_ndim=2, reader=lambda i: None)
+  assert sources.sorted_class_names({"b", "10", "9"}) == ("10", "9", "b")  # strings
+  assert sources.sorted_class_names({"10", "09", "2"}) == ("2", "09", "10")
+  # 1-based numeric labels: the int is the name, not the index.
+  np.testing.assert_array_equal(sources.resolve_classes(source("1", "2", "3"), [1, "3"]),
+                                [0, 2])
+  np.testing.assert_array_equal(sources.resolve_classes(source("08", "09", "10"), 9), [1])
+  # Not a name: an index, as before.
+  np.testing.assert_array_equal(sources.resolve_classes(source("cat", "dog"), [1]), [1])
+  with pytest.raises(ConfigError, match=r"class 9 is ambiguous.*\['9', '09'\].*string"):
+    sources.resolve_classes(source("9", "09"), [9])
+
+
+# ----------------------------------------------------------------------------------
+# CSV ids stay inside data.image_dir
+
+
+@pytest.mark.parametrize("bad_id", ["../outside.png", "sub/../../outside.png", "ABS"])
+def test_csv_ids_outside_the_image_dir_are_refused(tmp_path, bad_id):
+  _save(str(tmp_path / "outside.png"), _gray(1))  # exists: the old code read it
+  _save(str(tmp_path / "data/images/ok.png"), _gray(2))
+  (tmp_path / "data/images/sub").mkdir()
+  if bad_id == "ABS":
+    bad_id = str(tmp_path / "outside.png")
+  _write_csv(str(tmp_path / "data/labels.csv"), ["image", "dx"],
+             [["ok.png", "nv"], [bad_id, "mel"]])
+  data = _data(source="csv", path=str(tmp_path / "data/labels.csv"),
+               image_dir=str(tmp_path / "data/images"), label_column="dx")
+  with pytest.raises(DataError) as e:
+    sources.get_source(data, "train")
+  message = str(e.value)
+  assert message.startswith(f"{tmp_path / 'data/labels.csv'} line 3: image id {bad_id!r}")
+  assert "outside data.image_dir" in message and "'outside.png'" in message
+
+
+# ----------------------------------------------------------------------------------
+# npz labels must be class indices
+
+
+@pytest.mark.parametrize("labels, problem", [
+    (np.array([["nv"], ["mel"], ["nv"]]), r"train_labels has dtype <U3 \(e.g. 'nv'\)"),
+    (np.array([0.0, 0.5, 1.0], np.float32), r"train_labels \(float32\) holds 0.5"),
+    (np.array([0.0, np.nan, 1.0]), r"train_labels \(float64\) holds nan"),
+    (np.array([[0], [-1], [1]], np.int64), r"train_labels holds the label -1"),
+])
+def test_npz_labels_that_are_not_class_indices_are_named(tmp_path, labels, problem):
+  path = tmp_path / "m.npz"
+  np.savez(path, train_images=np.zeros((3, 28, 28), np.uint8), train_labels=labels,
+           test_images=np.zeros((1, 28, 28), np.uint8),
+           test_labels=np.zeros((1, 1), np.uint8))
+  for split in ("train", "test"):  # every split's labels count for the class names
+    with pytest.raises(DataError, match=f"m.npz: {problem}.*class ind"):
+      sources.get_source(_data(source="npz", path=str(path)), split)
+
+
+def test_npz_whole_float_labels_are_class_indices(tmp_path):
+  data = _npz(tmp_path / "m.npz", train_images=np.zeros((3, 28, 28), np.uint8),
+              train_labels=np.array([[0.0], [2.0], [1.0]]))
+  train = sources.get_source(data, "train")
+  np.testing.assert_array_equal(train.labels, [0, 2, 1])
+  assert train.class_names == ("0", "1", "2")
+
+
+def test_npz_float_blocks_cover_every_image_once_and_follow_subsets(tmp_path):
+  """Source.blocks (the pipeline's vectorised pixel check) serves what `read` serves."""
+  rng = np.random.default_rng(0)
+  images = rng.random((300, 28, 28, 4)).astype(np.float64)  # alpha dropped, float32
+  data = _npz(tmp_path / "f.npz", train_images=images,
+              train_labels=np.zeros(300, np.uint8))
+  train = sources.get_source(data, "train")
+  for source in (train, train.subset([250, 3, 17], "sub")):
+    seen = {}
+    for indices, block in source.blocks():
+      assert block.dtype == np.float32 and block.shape[1:] == (28, 28, 3)
+      seen.update(zip(indices.tolist(), block))
+    assert sorted(seen) == list(range(len(source)))
+    for i in range(len(source)):
+      np.testing.assert_array_equal(seen[i], source.read(i)[0])
+  uint8 = _npz(tmp_path / "u.npz", train_images=np.zeros((2, 4, 4), np.uint8),
+               train_labels=np.zeros(2, np.uint8))
+  assert sources.get_source(uint8, "train").blocks is None  # nothing to check

@@ -13,11 +13,19 @@ every example carries `index` (into the source, for its id) and `valid` (0 on pa
 `load_split` reads every file of a file-backed split once (data.check_files), so an
 unreadable or truncated image is reported, with its path, before anything compiles
 rather than mid-epoch.
+
+Pixel values are checked here, the one place every split's pixels pass through
+(`check_pixels`): float pixels must be finite, and with data.intensity='fixed' and no
+data.intensity_range they must lie in [0, 1] (else they would be clipped silently).
+In-memory float arrays (npz, tfds) are scanned whole, vectorised, when the split is
+loaded; files are checked as data.check_files reads them, and every example again when
+the pipeline reads it (one min and max per float image; integer pixels cost nothing).
 """
 
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -32,6 +40,7 @@ from jaxad.errors import ConfigError, DataError
 log = logging.getLogger("jaxad")
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_LISTED = 20  # bad files named in a check_files error
+UNIT_SLACK = 1e-3  # float pixels may stray this far outside [0, 1] (rounding)
 # tf.data runs on the host only: never let TensorFlow take accelerator memory from JAX.
 tf.config.set_visible_devices([], "GPU")
 
@@ -85,13 +94,16 @@ def load_split(data: ml_collections.ConfigDict, role: str) -> Split | None:
 
 
 def check_files(source: sources.Source, data: ml_collections.ConfigDict) -> None:
-  """Reads every example of a file-backed source once; raises one DataError naming
-  every file that cannot be read.
+  """Checks a split's pixels before anything compiles; raises one DataError naming
+  every bad example.
 
-  Runs when data.check_files is on and the source has at most data.check_files_max
-  examples (0: no limit); larger sources are skipped with a log line. Files are decoded
-  on a thread pool and the time taken is logged.
+  In-memory float arrays (`Source.blocks`) are always scanned whole, vectorised
+  (`check_pixels`' rules). Every file of a file-backed source is read once, when
+  data.check_files is on and the source has at most data.check_files_max examples (0:
+  no limit); larger sources are skipped with a log line. Files are decoded on a thread
+  pool and the time taken is logged.
   """
+  _check_arrays(source, data)
   if not source.from_files or not data.get("check_files", True):
     return
   n, limit = len(source), int(data.get("check_files_max", 0) or 0)
@@ -104,7 +116,8 @@ def check_files(source: sources.Source, data: ml_collections.ConfigDict) -> None
     return
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-    problems = [p for p in pool.map(lambda i: _read_problem(source, i), range(n)) if p]
+    problems = [p for p in pool.map(lambda i: _read_problem(source, i, data), range(n))
+                if p]
   log.info("data.check_files: read the %d examples of %s in %.1f s", n, source.name,
            time.perf_counter() - t0)
   if problems:
@@ -118,13 +131,100 @@ def check_files(source: sources.Source, data: ml_collections.ConfigDict) -> None
         "it is read)")
 
 
-def _read_problem(source: sources.Source, i: int) -> str | None:
-  """Why example i cannot be read (the message names its file), or None."""
+def _read_problem(source: sources.Source, i: int, data) -> str | None:
+  """Why example i cannot be read or used (the message names its file), or None."""
   try:
-    source.read(i)
+    image, _ = source.read(i)
+    check_pixels(image, data, source, i)
   except DataError as e:
     return str(e)
   return None
+
+
+def _unit_floats(data) -> bool:
+  """Whether float pixels are mapped from [0, 1] (data.intensity='fixed', no range)."""
+  return (data.get("intensity", "fixed") == "fixed"
+          and not tuple(data.get("intensity_range", ()) or ()))
+
+
+def check_pixels(image: np.ndarray, data, source: sources.Source, i: int) -> None:
+  """Raises a DataError naming example `i` of `source` if its float pixels are NaN or
+  infinite, or lie outside [0, 1] where the pipeline maps [0, 1] (`_unit_floats`).
+  Integer pixels always pass: their dtype's range is what is mapped."""
+  if image.dtype.kind != "f" or not image.size:
+    return
+  lo, hi = float(image.min()), float(image.max())  # NaN propagates through both
+  what = f"example {source.ids[i]} of {source.name}"
+  if not (math.isfinite(lo) and math.isfinite(hi)):
+    raise DataError(_non_finite(what, int(np.count_nonzero(~np.isfinite(image))),
+                                image.size))
+  if _unit_floats(data) and (lo < -UNIT_SLACK or hi > 1 + UNIT_SLACK):
+    raise DataError(_outside_unit(f"pixels of {what}", lo, hi, lo, hi))
+
+
+def _check_arrays(source: sources.Source, data) -> None:
+  """`check_pixels` over a whole in-memory array at once (`Source.blocks`)."""
+  if source.blocks is None:
+    return
+  t0, unit = time.perf_counter(), _unit_floats(data)
+  bad_finite, bad_range, first_finite, first_range = 0, 0, None, None
+  array_lo, array_hi = math.inf, -math.inf
+  for indices, images in source.blocks():
+    if images.dtype.kind != "f":
+      return
+    if not len(images):
+      continue
+    flat = images.reshape(len(images), -1)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)  # NaN propagates
+    finite = np.isfinite(lo) & np.isfinite(hi)
+    if not finite.all():
+      rows = np.flatnonzero(~finite)
+      bad_finite += len(rows)
+      if first_finite is None:
+        first_finite = (indices[rows[0]], int(np.count_nonzero(~np.isfinite(
+            flat[rows[0]]))), flat.shape[1])
+    if finite.any():
+      array_lo = min(array_lo, float(lo[finite].min()))
+      array_hi = max(array_hi, float(hi[finite].max()))
+    if unit:
+      rows = np.flatnonzero(finite & ((lo < -UNIT_SLACK) | (hi > 1 + UNIT_SLACK)))
+      bad_range += len(rows)
+      if len(rows) and first_range is None:
+        first_range = (indices[rows[0]], float(lo[rows[0]]), float(hi[rows[0]]))
+  log.info("pixel check: scanned the float pixels of %s in %.2f s", source.name,
+           time.perf_counter() - t0)
+  n = len(source)
+  if first_finite is not None:
+    i, count, size = first_finite
+    raise DataError(f"{bad_finite} of the {n} examples of {source.name} have NaN or "
+                    "infinite pixels; the first: " + _non_finite(
+                        f"example {source.ids[i]}", count, size))
+  if first_range is not None:
+    i, lo, hi = first_range
+    raise DataError(f"{bad_range} of the {n} examples of {source.name} have float "
+                    f"pixels outside [0, 1] (all together [{array_lo:g}, "
+                    f"{array_hi:g}]); the first: " + _outside_unit(
+                        f"pixels of example {source.ids[i]}", lo, hi, array_lo,
+                        array_hi))
+
+
+def _non_finite(what: str, count: int, size: int) -> str:
+  return (f"{what} has {count} NaN or infinite pixels (of {size}): every pixel must "
+          "be a finite number; fix or drop the image (e.g. np.nan_to_num) and re-save "
+          "the data")
+
+
+def _outside_unit(what: str, lo: float, hi: float, all_lo: float, all_hi: float) -> str:
+  """The message for float pixels in [lo, hi] (all the data's in [all_lo, all_hi])
+  where [0, 1] is mapped, with the data.intensity_range that would fit."""
+  if all_lo >= 0 and all_hi <= 255:
+    fit = "(0, 255)"
+  else:
+    fit = f"({math.floor(all_lo)}, {math.ceil(all_hi)})"
+  return (f"{what} lie in [{lo:g}, {hi:g}] but float images must be in [0, 1] "
+          f"(data.intensity='fixed' with no data.intensity_range): set "
+          f"data.intensity_range={fit}, the range the images are stored in (or store "
+          "uint8, or set data.intensity='minmax')")
 
 
 def output_shape(data: ml_collections.ConfigDict, spatial_ndim: int) -> tuple[int, ...]:
@@ -193,6 +293,7 @@ class _Preprocess:
   @tf.autograph.experimental.do_not_convert
   def _read(self, index):
     image, mask = self.split.source.read(int(index))
+    check_pixels(image, self.data, self.split.source, int(index))
     image = _to_channels(_to_unit(image, self.data), self.shape[-1])
     if mask is None:
       mask = np.zeros(image.shape[:-1] + (1,), np.float32)

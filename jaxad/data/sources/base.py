@@ -6,7 +6,8 @@ are resolved here, once, so every source treats them the same way.
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -17,6 +18,10 @@ ROLES = ("train", "val", "test")
 VAL_SEED = 0  # the held-out validation set never depends on the training seed
 
 Reader = Callable[[int], tuple[np.ndarray, np.ndarray | None]]
+# () -> blocks (indices, images) that cover every example of an in-memory array once,
+# images as `read` serves them (N×spatial×C, pixel dtype): for a vectorised pixel check.
+Blocks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,7 @@ class Source:
   spatial_ndim: int  # 2 for images, 3 for volumes
   reader: Reader  # i -> (image, mask or None), see the package docstring
   from_files: bool = False  # one file per example (folder, nifti, csv): data.check_files
+  blocks: Blocks | None = None  # in-memory arrays (npz): every image, in blocks
 
   def __post_init__(self):
     n = len(self.labels)
@@ -66,11 +72,23 @@ class Source:
     indices = np.asarray(indices, np.int64).reshape(-1)
     if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
       raise DataError(f"subset indices must lie in [0, {len(self)}) for {self.name}")
-    reader = self.reader
+    reader, blocks = self.reader, None
+    if self.blocks is not None:
+      position = np.full(len(self), -1, np.int64)  # old index -> new index (or -1)
+      position[indices] = np.arange(len(indices))
+      parent_blocks = self.blocks
+
+      def blocks():
+        for old, images in parent_blocks():
+          new = position[old]
+          keep = new >= 0
+          if keep.any():
+            yield new[keep], images[keep]
+
     return dataclasses.replace(
         self, name=name or self.name, labels=self.labels[indices], ids=self.ids[indices],
         groups=None if self.groups is None else self.groups[indices],
-        reader=lambda j: reader(int(indices[j])))
+        reader=lambda j: reader(int(indices[j])), blocks=blocks)
 
 
 def held_out_indices(n: int, fraction: float, name: str = "the train split",
@@ -90,22 +108,50 @@ def held_out_indices(n: int, fraction: float, name: str = "the train split",
   return splits.held_out(n, fraction, VAL_SEED, groups)
 
 
+def sorted_class_names(names) -> tuple[str, ...]:
+  """Class names in label order: by integer value when every name is an integer
+  ('0', '1', ..., '10', '11'), else by plain string order."""
+  names = set(names)
+  if names and all(_INTEGER.fullmatch(n) for n in names):
+    return tuple(sorted(names, key=lambda n: (int(n), n)))
+  return tuple(sorted(names))
+
+
 def resolve_classes(source: Source, classes) -> np.ndarray:
-  """Class names (str) or indices (int) → int32 labels, checked against the source."""
+  """Class selectors (data.normal_classes / anomalous_classes) → int32 labels.
+
+  One rule for every source: a selector that is a class name selects that class,
+  whether given as a str or an int (9 and '9' both select the class named '9'; an int
+  also matches a zero-padded name such as '09'); any other int is an index into
+  source.class_names. Sources that derive class names from the data (CSV label
+  values, class folders) sort integer names by value (`sorted_class_names`), so with
+  names '0'..'11' the index and the name agree as well.
+  """
   if isinstance(classes, (str, int, np.integer)):
     classes = (classes,)
   names = list(source.class_names)
   labels = []
   for c in classes:
+    is_int = isinstance(c, (int, np.integer)) and not isinstance(c, bool)
     if isinstance(c, str) and c in names:
       labels.append(names.index(c))
-    elif (isinstance(c, (int, np.integer)) and not isinstance(c, bool)
-          and 0 <= c < len(names)):
-      labels.append(int(c))
-    else:
-      raise ConfigError(f"unknown class {c!r} for {source.name}: valid class names are "
-                        f"{names} (or indices 0..{len(names) - 1}); check "
-                        "data.normal_classes / data.anomalous_classes")
+      continue
+    if is_int:
+      named = [k for k, n in enumerate(names) if _INTEGER.fullmatch(n) and int(n) == c]
+      if len(named) > 1:
+        raise ConfigError(f"class {c!r} is ambiguous for {source.name}: classes "
+                          f"{[names[k] for k in named]} all read as {c}; give the "
+                          "class name as a string in data.normal_classes / "
+                          "data.anomalous_classes")
+      if named:
+        labels.append(named[0])
+        continue
+      if 0 <= c < len(names):
+        labels.append(int(c))
+        continue
+    raise ConfigError(f"unknown class {c!r} for {source.name}: valid class names are "
+                      f"{names} (or indices 0..{len(names) - 1}); check "
+                      "data.normal_classes / data.anomalous_classes")
   return np.asarray(labels, np.int32)
 
 

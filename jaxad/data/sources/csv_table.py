@@ -1,10 +1,11 @@
 """The csv source: image ids and labels in a table, ISIC 2018 Task 3's `image,MEL,...`.
 
 Labels are one-hot class columns (every column but the id and group columns), or the
-class names in data.label_column. Images are data.image_dir/<id><data.image_ext>;
-with data.mask_dir, the mask of id X is X_segmentation.png or X.png there, and an
-image without one gets an all-zero mask. data.path, data.image_dir and data.mask_dir
-may contain '{split}'.
+class names in data.label_column (sorted over every split's CSV, by value when all are
+integers). Images are data.image_dir/<id><data.image_ext>, ids relative to it (an
+absolute id or one with '..' is refused); with data.mask_dir, the mask of id X is
+X_segmentation.png or X.png there, and an image without one gets an all-zero mask.
+data.path, data.image_dir and data.mask_dir may contain '{split}'.
 """
 
 import csv
@@ -42,8 +43,8 @@ def load(data, split: str, key: str) -> base.Source:
               for line, r in rows]
   image_dir = (base.fill_split(data.get("image_dir", "") or "", split)
                or os.path.dirname(path))
-  ids = [_with_ext(r[column[id_col]].strip(), data.get("image_ext", ".jpg"))
-         for _, r in rows]
+  ids = [_with_ext(_checked_id(r[column[id_col]].strip(), path, line, id_col),
+                   data.get("image_ext", ".jpg")) for line, r in rows]
   paths = [os.path.join(image_dir, i) for i in ids]
   _check_exist(paths, path, image_dir)
   mask_dir = base.fill_split(data.get("mask_dir", "") or "", split)
@@ -92,7 +93,8 @@ def _one_hot_label(row: list[str], cols: list[int], where: str) -> int:
 
 
 def _class_names(data, split: str, label_col: str) -> tuple[str, ...]:
-  """Sorted label values over every split's CSV, so labels agree across splits."""
+  """The label values of every split's CSV, sorted (`base.sorted_class_names`: by
+  value when all are integers), so labels agree across splits."""
   template = data.get("path", "")
   splits = base.config_splits(data, split) if "{split}" in template else [split]
   names = set()
@@ -103,7 +105,19 @@ def _class_names(data, split: str, label_col: str) -> tuple[str, ...]:
       if label_col in header:
         c = header.index(label_col)
         names.update(r[c].strip() for _, r in rows)
-  return tuple(sorted(names))
+  return base.sorted_class_names(names)
+
+
+def _checked_id(image_id: str, path: str, line: int, id_col: str) -> str:
+  """`image_id`, checked to name a file inside data.image_dir (not absolute, no '..'
+  component), so a CSV never makes the source read files outside the data folder."""
+  parts = image_id.replace("\\", "/").split("/")
+  absolute = os.path.isabs(image_id) or parts[0] == "" or image_id[1:2] == ":"
+  if image_id and (absolute or ".." in parts):
+    raise DataError(f"{path} line {line}: image id {image_id!r} (column {id_col!r}) "
+                    "points outside data.image_dir: give ids relative to "
+                    f"data.image_dir without '..' (e.g. {parts[-1]!r})")
+  return image_id
 
 
 def _with_ext(image_id: str, ext: str) -> str:

@@ -1,7 +1,8 @@
 """The folder source: image folders in the Kermany OCT2017 layout, ROOT/<split>/<class>/.
 
-Class names are the sorted class folders of every split the config names, so a label
-means the same class in each split. When ROOT/<split>/masks/ exists, masks are read
+Class names are the class folders of every split the config names, sorted (by value
+when all are integers: '0', '1', ..., '10'), so a label means the same class in each
+split. When ROOT/<split>/masks/ exists, masks are read
 from masks/<class>/<image stem>.<ext>, and an image without one gets an all-zero mask
 (a healthy image has no lesion).
 """

@@ -1,6 +1,7 @@
 """The npz source: MedMNIST-style arrays `{split}_images`, `{split}_labels`, `_masks`.
 
-Labels (any integer dtype, shape N or N×1, as MedMNIST's uint8 N×1) are loaded once;
+Labels (class indices of any integer dtype, or whole floats, shape N or N×1, as
+MedMNIST's uint8 N×1; names go in a str array `class_names`) are loaded once;
 images and masks are read from disk one example at a time (`jaxad.data.npz`), so a
 large split costs no memory. The unlabeled source reads its .npz inputs the same way.
 """
@@ -49,7 +50,8 @@ def load(data, split: str, key: str) -> base.Source:
   return base.Source(
       name=name, class_names=class_names, labels=labels,
       ids=base.example_ids(split, len(labels)), groups=None, has_masks=masks is not None,
-      spatial_ndim=spatial_ndim, reader=reader)
+      spatial_ndim=spatial_ndim, reader=reader,
+      blocks=image_blocks(images, spatial_ndim))
 
 
 def _index(path: str) -> tuple[list[str], dict[str, np.ndarray], np.ndarray | None]:
@@ -67,8 +69,33 @@ def _index(path: str) -> tuple[list[str], dict[str, np.ndarray], np.ndarray | No
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise DataError(f"cannot read the arrays of {path} ({e}): store plain numeric "
                     "arrays, and class_names as a str array (dtype=str)") from None
-  labels = {k[:-len("_labels")]: v for k, v in arrays.items() if k.endswith("_labels")}
+  labels = {k[:-len("_labels")]: _class_indices(v, k, path)
+            for k, v in arrays.items() if k.endswith("_labels")}
   return keys, labels, arrays.get("class_names")
+
+
+def _class_indices(labels: np.ndarray, key: str, path: str) -> np.ndarray:
+  """The array `key` as int64 class indices (same shape): integers, booleans or whole
+  non-negative floats; anything else (class-name strings, fractions) is a DataError."""
+  kind = labels.dtype.kind
+  values = labels.reshape(-1)
+  if kind == "f":
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+      raise DataError(f"{path}: {key} ({labels.dtype}) holds "
+                      f"{values[bad][0].item()!r}, not a class index: store integer "
+                      f"class indices 0, 1, ... (MedMNIST layout: {key} uint8 of "
+                      "shape N×1)")
+  elif kind not in "iub":
+    raise DataError(f"{path}: {key} has dtype {labels.dtype} (e.g. "
+                    f"{values[0].item() if labels.size else 'empty'!r}) but labels must "
+                    "be integer class indices: store 0, 1, ... (MedMNIST layout: "
+                    f"{key} uint8 of shape N×1) and the names as a str array "
+                    "class_names, in label order")
+  if values.size and values.min() < 0:
+    raise DataError(f"{path}: {key} holds the label {values.min().item()!r}, but labels "
+                    "are class indices 0, 1, ...: store non-negative integers")
+  return values.astype(np.int64).reshape(labels.shape)
 
 
 def _max_label(labels: np.ndarray) -> int:
@@ -97,9 +124,10 @@ def spatial_rank(shape: tuple[int, ...], ndim: int, name: str) -> int:
   return spatial
 
 
-def _image(x: np.ndarray, spatial_ndim: int) -> np.ndarray:
-  """One stored image → spatial×C: adds the channel axis where missing, drops alpha."""
-  if x.ndim == spatial_ndim:
+def _image(x: np.ndarray, spatial_ndim: int, lead: int = 0) -> np.ndarray:
+  """Stored image(s) with `lead` leading axes → spatial×C: adds the channel axis where
+  missing, drops alpha."""
+  if x.ndim == lead + spatial_ndim:
     return x[..., None]
   if spatial_ndim == 2 and x.shape[-1] == 4:
     return x[..., :3]
@@ -112,8 +140,25 @@ def image_reader(images: npz_lib.NpzArray, spatial_ndim: int, name: str) -> Call
   return lambda i: pixels.as_pixels(_image(images[i], spatial_ndim), dtype)
 
 
+def image_blocks(images: npz_lib.NpzArray, spatial_ndim: int) -> base.Blocks | None:
+  """Every image as `image_reader` serves it, in blocks of about 1 MiB, for the
+  pipeline's vectorised pixel check; None for integer arrays, whose pixels are always
+  finite and within their dtype's range."""
+  if images.dtype.kind != "f":
+    return None
+
+  def blocks():
+    start = 0
+    for block in images.chunks():
+      yield (np.arange(start, start + len(block)),
+             _image(block.astype(np.float32, copy=False), spatial_ndim, lead=1))
+      start += len(block)
+
+  return blocks
+
+
 def _labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
-  """Class indices of any integer (or integral float) dtype, shape N or N×1 → int32 N."""
+  """Class indices (checked by `_class_indices`), shape N or N×1 → int32 N."""
   if labels.ndim == 2 and labels.shape[1] > 1:
     raise DataError(f"{name}: labels have shape {labels.shape}, i.e. multi-label; "
                     "multi-label data is not supported: convert to a single class "
@@ -122,9 +167,7 @@ def _labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
   if labels.ndim != 1 or len(labels) != n:
     raise DataError(f"{name}: {labels.shape} labels for {n} images: need one label "
                     "per image (shape N or N×1)")
-  if labels.size and (labels.min() < 0 or np.any(labels != np.round(labels))):
-    raise DataError(f"{name}: labels must be non-negative integers (class indices)")
-  return labels.astype(np.int32)
+  return labels.astype(np.int32)  # checked by _class_indices
 
 
 def _class_names(names, max_label: int, name: str) -> tuple[str, ...]:

@@ -42,10 +42,13 @@ def load(data, split: str, key: str) -> base.Source:
     class_names = tuple(label_feature.names)
   else:
     class_names = tuple(str(i) for i in range(int(labels.max(initial=-1)) + 1))
+  blocks = None
+  if isinstance(images, np.ndarray) and images.dtype.kind == "f":  # for the pixel check
+    blocks = lambda: iter([(np.arange(len(images)), images)])
   return base.Source(
       name=f"tfds:{name}[{split}]", class_names=class_names, labels=labels,
       ids=base.example_ids(split, len(labels)), groups=None, has_masks=False,
-      spatial_ndim=spatial_ndim, reader=lambda i: (images[i], None))
+      spatial_ndim=spatial_ndim, reader=lambda i: (images[i], None), blocks=blocks)
 
 
 def _builder(tfds, name: str, data_dir: str | None):

@@ -29,7 +29,7 @@ def unlabeled_source(path: str, ndim: int = 0) -> base.Source:
       raise DataError(f"no images under {path} (looked for "
                       f"{', '.join('*' + e for e in pixels.IMAGE_EXTS)}): check --input")
     reader = lambda i: (pixels.decode_image(os.path.join(path, files[i])), None)
-    ids, spatial_ndim = files, 2
+    ids, spatial_ndim, blocks = files, 2, None
   elif path.endswith(".npz") and os.path.isfile(path):
     names = npz_lib.member_names(path)
     keys = [k for k in names if k == "images" or k.endswith("_images")]
@@ -40,10 +40,11 @@ def unlabeled_source(path: str, ndim: int = 0) -> base.Source:
     spatial_ndim = npz_arrays.spatial_rank(images.shape, ndim, f"npz:{path}")
     read = npz_arrays.image_reader(images, spatial_ndim, f"npz:{path}")
     reader = lambda i: (read(i), None)
+    blocks = npz_arrays.image_blocks(images, spatial_ndim)
     ids = [f"{keys[0]}/{i}" for i in range(len(images))]
   else:
     raise DataError(f"--input={path!r} is neither a folder of images nor an .npz file")
   return base.Source(
       name=f"input:{path}", class_names=("unlabeled",), labels=np.zeros(len(ids), np.int32),
       ids=base.str_array(ids), groups=None, has_masks=False, spatial_ndim=spatial_ndim,
-      reader=reader, from_files=os.path.isdir(path))
+      reader=reader, from_files=os.path.isdir(path), blocks=blocks)

@@ -32,7 +32,7 @@ class Layout:
 @dataclasses.dataclass(frozen=True)
 class Found:
   """The files of one split, in label order then by file name."""
-  class_names: tuple[str, ...]  # sorted class folders of every configured split
+  class_names: tuple[str, ...]  # class folders of every configured split, sorted
   paths: list[str]  # ROOT/<split>/<class>/<file>
   ids: list[str]  # <class>/<file>
   labels: np.ndarray  # int32: the index of the class folder in class_names
@@ -94,7 +94,8 @@ def _split_dir(root: str, split: str, key: str, layout: Layout) -> str:
 
 
 def _class_names(root: str, splits: list[str]) -> tuple[str, ...]:
-  """Sorted class folders over the given split folders (those that exist)."""
+  """The class folders of the given split folders (those that exist), sorted
+  (`base.sorted_class_names`: by value when every name is an integer)."""
   classes = set()
   for split in splits:
     split_dir = os.path.join(root, split)
@@ -106,7 +107,7 @@ def _class_names(root: str, splits: list[str]) -> tuple[str, ...]:
     raise DataError(f"no class folders under {os.path.join(root, splits[0])} (expected "
                     f"{os.path.join(root, splits[0], '<class>', '*.png')}): check "
                     "data.path")
-  return tuple(sorted(classes))
+  return base.sorted_class_names(classes)
 
 
 def _files(folder: str, layout: Layout) -> list[str]:
