@@ -151,17 +151,18 @@ def _progress(total: int, initial: int, enabled: bool):
               dynamic_ncols=True, mininterval=1.0)
 
 
-def _check_workdir(config, workdir: str, ckpt) -> None:
+def _check_workdir(config, workdir: str) -> None:
   """A workdir with checkpoints resumes only under its own config (`check_compatible`),
-  checked before any data is read; config.json always describes its checkpoints."""
-  path = os.path.join(workdir, "config.json")
-  if ckpt.latest_step() is None:
+  checked before any data is read or any folder made; config.json always describes
+  its checkpoints."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory) or not any(s.isdigit() for s in os.listdir(directory)):
     return
+  path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(
-        f"{ckpt.directory} holds checkpoints but {path} is missing, so nothing says "
-        "which config they were trained with: use a new --workdir, or restore "
-        "config.json")
+        f"{directory} holds checkpoints but {path} is missing, so nothing says which "
+        "config they were trained with: use a new --workdir, or restore config.json")
   config_lib.check_compatible(files.read_json(path), config, workdir)
 
 
@@ -182,8 +183,7 @@ class _Run:
 def _setup(config, workdir: str, devices) -> tuple[_Run, TrainState]:
   """Loads the splits, builds the model and the mesh, and creates or restores the state."""
   t = config.train
-  ckpt = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
-  _check_workdir(config, workdir, ckpt)
+  _check_workdir(config, workdir)
   train_split = pipeline.load_split(config.data, "train")
   val_split = pipeline.load_split(config.data, "val")
   schedule.check_validation(val_split is not None, schedule.needs_validation(t))
@@ -193,7 +193,8 @@ def _setup(config, workdir: str, devices) -> tuple[_Run, TrainState]:
   ndim = train_split.source.spatial_ndim
   family, tx = state_lib.build(config, ndim)
   run = _Run(config, train_split, val_split, mesh, family, tx, steps_per_epoch,
-             config_lib.total_steps(config, steps_per_epoch), ckpt)
+             config_lib.total_steps(config, steps_per_epoch),
+             checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints))
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   args = (family, tx, state_lib.image_shape(config, ndim), config.seed, mesh, bool(t.ema_rate))
@@ -205,36 +206,36 @@ def _setup(config, workdir: str, devices) -> tuple[_Run, TrainState]:
 
 
 class _Log:
-  """The training metrics of each log window: finiteness checked one step late (while
-  the next step runs), means written to TensorBoard, the log and the progress bar."""
+  """The training metrics of each log window. Steps add their metrics as device arrays,
+  and nothing is read back until a log, validation or checkpoint step (`check`), so
+  the host dispatches step after step without waiting for one to finish. `check`
+  fetches the window at once and names the first step whose metrics are not finite."""
 
   def __init__(self, run: _Run, workdir: str, start: int, summary: dict):
     is_main = jax.process_index() == 0
     self.writer = _Writer(workdir, is_main)
     self.bar = _progress(run.num_steps, start, is_main and run.config.train.progress_bar)
     self.batch_size, self.summary = run.config.train.batch_size, summary
-    self.pending, self.window, self.tick = None, [], time.perf_counter()
+    self.pending, self.window, self.tick = [], [], time.perf_counter()
 
   def add(self, metrics, step: int) -> None:
-    """Records a step's (device) metrics; checks the previous step's (step - 1)."""
-    if self.pending is not None:
-      self._fetch(step - 1)
-    self.pending = metrics
+    """Records a step's metrics, still on the device."""
+    self.pending.append((step, metrics))
     self.bar.update(1)
 
-  def _fetch(self, step: int) -> None:
-    self.window.append(jax.device_get(self.pending))
-    self.pending = None
-    _check_finite(self.window[-1], step)
-
-  def check(self, step: int) -> None:
-    """Checks the metrics of `step` now (before a checkpoint of its state is saved)."""
-    if self.pending is not None:
-      self._fetch(step)
+  def check(self) -> None:
+    """Fetches the steps added since the last check; raises at the first non-finite."""
+    if not self.pending:
+      return
+    steps, values = zip(*self.pending)
+    self.pending = []
+    for step, fetched in zip(steps, jax.device_get(values)):
+      _check_finite(fetched, step)
+      self.window.append(fetched)
 
   def flush(self, step: int, state: TrainState) -> None:
     """Logs the window's means at `step`."""
-    self.check(step)
+    self.check()
     now = time.perf_counter()
     means = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]}
     means["images_per_second"] = len(self.window) * self.batch_size / (now - self.tick)
@@ -274,20 +275,24 @@ def _loop(run: _Run, state: TrainState, logs: _Log, stop_at_step) -> tuple[Train
       run.train_split, config.data, seed=config.seed, global_batch=t.batch_size,
       start_step=step, process_index=jax.process_index(),
       process_count=jax.process_count())
-  while step < run.num_steps and not int(state.stopped):
+  stopped = bool(int(state.stopped))  # changes only at an epoch's end
+  while step < run.num_steps and not stopped:
     state, metrics = train_step(state, parallel.put_batch(next(batches)["image"], run.mesh))
     step += 1
     logs.add(metrics, step)
     if schedule.due(step, t.log_every_steps, run.num_steps):
       logs.flush(step, state)
     if val_step is not None and schedule.due(step, run.steps_per_epoch):
+      logs.check()  # a diverged step is named before validation reads its state
       state = _validate_epoch(run, val_step, state, step, logs)
-    if schedule.due(step, t.checkpoint_every_steps, run.num_steps) or int(state.stopped):
-      logs.check(step)  # never save the state of a step whose loss was not finite
+      stopped = bool(int(state.stopped))
+    if schedule.due(step, t.checkpoint_every_steps, run.num_steps) or stopped:
+      logs.check()  # never save the state of a step whose loss was not finite
       _check_finite_params(state, step, run.ckpt)
       run.ckpt.save(step, state)
     if stop_at_step is not None and step >= stop_at_step:
       break
+  logs.check()
   logs.summary["train_step_compilations"] = train_step._cache_size()
   return state, step
 
