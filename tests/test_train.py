@@ -98,6 +98,44 @@ def test_divergence_names_the_step(make_config, tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path))
 
 
+def test_steady_state_steps_read_nothing_back_from_the_device(make_config, tmp_path,
+                                                              monkeypatch):
+  """Between log, validation and checkpoint steps the loop only dispatches: any read of
+  a device value there (int(), float(), np.asarray, device_get) raises. (Every read goes
+  through ArrayImpl._value; jax's transfer guard does not fire for CPU arrays.)"""
+  from jax._src import array as array_lib
+  config = make_config(**{"train.num_steps": 24, "train.log_every_steps": 12,
+                          "train.checkpoint_every_steps": 12, "data.val_split": "val"})
+  steps_per_epoch = 64 // 2 // 16  # synthetic: half the 64 images are normal
+  sync = lambda s: s % 12 == 0 or s % steps_per_epoch == 0
+  guarded, reads = set(), []
+  current = {"step": None}
+  value = array_lib.ArrayImpl._value
+
+  def guarded_value(self):
+    if current["step"] in guarded:
+      reads.append(current["step"])
+      raise AssertionError(f"a device value was read back during step {current['step']}")
+    return value.fget(self)
+
+  real = trainer.pipeline.train_batches
+
+  def train_batches(*args, start_step=0, **kwargs):
+    step = start_step
+    for batch in real(*args, start_step=start_step, **kwargs):
+      step += 1
+      current["step"] = step  # the loop body of this step runs until the next batch
+      if not sync(step) and step > start_step + 1:  # the first step compiles
+        guarded.add(step)
+      yield batch
+
+  monkeypatch.setattr(array_lib.ArrayImpl, "_value", property(guarded_value))
+  monkeypatch.setattr(trainer.pipeline, "train_batches", train_batches)
+  state, _ = trainer.train_and_evaluate(config, str(tmp_path))
+  current["step"] = None
+  assert int(state.step) == 24 and len(guarded) == 11 and not reads
+
+
 def test_divergence_saves_no_non_finite_checkpoint(make_config, tmp_path):
   # A checkpoint every step: the step whose loss is not finite is checked before its
   # state is saved (the check used to run one step late, after the save).
