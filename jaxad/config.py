@@ -24,6 +24,7 @@ MODEL_NAMES = {"vae": ("conv_vae", "mlp_vae"), "score": ("unet",),
 RESUME_MAY_CHANGE = (
     "train.num_epochs", "train.num_steps", "train.checkpoint_every_steps",
     "train.keep_checkpoints", "train.log_every_steps", "train.progress_bar",
+    "train.prefetch_to_device",
     "data.path", "data.image_dir", "data.mask_dir", "data.data_dir", "data.check_files",
     "data.check_files_max", "data.test_split", "data.synthetic_lesions", "eval",
     "background")
@@ -89,6 +90,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(t.learning_rate, "train.learning_rate")
   _positive(t.checkpoint_every_steps, "train.checkpoint_every_steps")
   _positive(t.log_every_steps, "train.log_every_steps")
+  if t.prefetch_to_device < 0:
+    raise ConfigError(f"train.prefetch_to_device={t.prefetch_to_device} must be >= 0 "
+                      "(0 = no look-ahead; 2 is usual)")
   if t.num_steps <= 0:
     _positive(t.num_epochs, "train.num_epochs")
   if not 0.0 < t.plateau_factor < 1.0:

@@ -146,6 +146,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.log_every_steps = 50
   t.progress_bar = True
+  t.prefetch_to_device = 2  # batches copied to the devices ahead of the step (0 = none).
   return c
 
 

@@ -13,9 +13,11 @@ process, so process p's slice of every global batch is the p-th contiguous block
 as `data.pipeline` cuts it, and `allgather` returns rows in the same order.
 """
 
+import collections
 import logging
 import socket
 import time
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -216,6 +218,18 @@ def put_batch(local_batch, mesh: Mesh):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local_batch)
+
+
+def prefetch_to_device(batches: Iterator, mesh: Mesh, depth: int = 2) -> Iterator:
+  """`put_batch` of each item of `batches`, `depth` items ahead: the host→device copy of
+  the next batches runs while the current step computes (depth 0: no look-ahead)."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put_batch(batch, mesh))  # asynchronous: returns before the copy ends
+    if len(queue) > depth:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def allgather(tree):

@@ -275,9 +275,11 @@ def _loop(run: _Run, state: TrainState, logs: _Log, stop_at_step) -> tuple[Train
       run.train_split, config.data, seed=config.seed, global_batch=t.batch_size,
       start_step=step, process_index=jax.process_index(),
       process_count=jax.process_count())
+  images = parallel.prefetch_to_device((b["image"] for b in batches), run.mesh,
+                                       t.prefetch_to_device)
   stopped = bool(int(state.stopped))  # changes only at an epoch's end
   while step < run.num_steps and not stopped:
-    state, metrics = train_step(state, parallel.put_batch(next(batches)["image"], run.mesh))
+    state, metrics = train_step(state, next(images))
     step += 1
     logs.add(metrics, step)
     if schedule.due(step, t.log_every_steps, run.num_steps):

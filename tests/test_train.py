@@ -118,19 +118,22 @@ def test_steady_state_steps_read_nothing_back_from_the_device(make_config, tmp_p
       raise AssertionError(f"a device value was read back during step {current['step']}")
     return value.fget(self)
 
-  real = trainer.pipeline.train_batches
+  make_train_step = trainer.make_train_step
 
-  def train_batches(*args, start_step=0, **kwargs):
-    step = start_step
-    for batch in real(*args, start_step=start_step, **kwargs):
-      step += 1
-      current["step"] = step  # the loop body of this step runs until the next batch
-      if not sync(step) and step > start_step + 1:  # the first step compiles
-        guarded.add(step)
-      yield batch
+  def counted_train_step(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+
+    def step(state, images):  # the loop body of a step runs until the next call
+      current["step"] = (current["step"] or 0) + 1
+      if not sync(current["step"]) and current["step"] > 1:  # the first step compiles
+        guarded.add(current["step"])
+      return train_step(state, images)
+
+    step._cache_size = train_step._cache_size
+    return step
 
   monkeypatch.setattr(array_lib.ArrayImpl, "_value", property(guarded_value))
-  monkeypatch.setattr(trainer.pipeline, "train_batches", train_batches)
+  monkeypatch.setattr(trainer, "make_train_step", counted_train_step)
   state, _ = trainer.train_and_evaluate(config, str(tmp_path))
   current["step"] = None
   assert int(state.step) == 24 and len(guarded) == 11 and not reads
@@ -250,3 +253,20 @@ def test_cli_trains_evaluates_and_rejects_mistyped_override(tmp_path):
   for path in ("eval/metrics.json", "eval/report.html", "eval/test/scores.csv"):
     assert os.path.exists(tmp_path / path), path
   assert "9" in json.load(open(tmp_path / "eval/metrics.json"))["test"]["sample"]["vae"]
+
+
+def test_prefetch_to_device_keeps_order_and_runs_ahead():
+  pulled = []
+
+  def batches():
+    for i in range(5):
+      pulled.append(i)
+      yield np.full((8, 2), i, np.float32)
+
+  mesh = parallel.make_mesh()
+  stream = parallel.prefetch_to_device(batches(), mesh, depth=2)
+  first = next(stream)
+  assert len(pulled) == 3  # the next two batches are already on their way
+  assert first.sharding == parallel.batch_sharded(mesh)
+  rest = [int(x[0, 0]) for x in stream]
+  assert [int(first[0, 0])] + rest == [0, 1, 2, 3, 4]
