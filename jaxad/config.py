@@ -26,15 +26,16 @@ RESUME_MAY_CHANGE = (
     "train.keep_checkpoints", "train.log_every_steps", "train.progress_bar",
     "train.prefetch_to_device",
     "data.path", "data.image_dir", "data.mask_dir", "data.data_dir", "data.check_files",
-    "data.check_files_max", "data.test_split", "data.synthetic_lesions", "eval",
-    "background")
+    "data.check_files_max", "data.test_split", "data.synthetic_lesions", "data.on_device",
+    "data.on_device_fraction", "eval", "background")
 # What the eval binary may override on top of the workdir's config: eval settings, where
 # the data lives, which splits and lesions it scores, and whether the likelihood ratio
 # is added. The model, the image preprocessing and the classes are what was trained.
 EVAL_MAY_CHANGE = (
     "eval", "data.path", "data.image_dir", "data.mask_dir", "data.data_dir",
     "data.check_files", "data.check_files_max", "data.train_split", "data.val_split",
-    "data.test_split", "data.val_fraction", "data.synthetic_lesions",
+    "data.test_split", "data.val_fraction", "data.synthetic_lesions", "data.on_device",
+    "data.on_device_fraction",
     "background.enabled", "background.path", "train.progress_bar")
 
 
@@ -69,6 +70,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"data.intensity_range={tuple(d.intensity_range)!r} must be "
                         "(lo, hi) with lo < hi, or () for the dtype's range")
   _positive(d.image_size, "data.image_size")
+  _choice(str(d.on_device).lower(), ("auto", "true", "false"), "data.on_device")
+  if not 0.0 < d.on_device_fraction <= 1.0:
+    raise ConfigError(f"data.on_device_fraction={d.on_device_fraction} must be in (0, 1]")
   if isinstance(d.bit_depth, bool) or not isinstance(d.bit_depth, int) or \
       not 1 <= d.bit_depth <= 16:
     raise ConfigError(f"data.bit_depth={d.bit_depth!r} must be an int in 1..16 (8 for "

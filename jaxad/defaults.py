@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.val_split = "val"  # "" = hold val_fraction of the train split out
   d.test_split = "test"
   d.val_fraction = 0.0  # used only when val_split is "".
+  d.on_device = "auto"  # keep the preprocessed train/val images on the devices:
+  # auto (when they fit in data.on_device_fraction of device memory) | true | false.
+  d.on_device_fraction = 0.25
   d.check_files = True  # folder/nifti/csv: decode every file before compiling, and
   # name every unreadable one (else a bad file stops the run when it is read).
   d.check_files_max = 20_000  # ...for splits of at most this many examples (0 = any).

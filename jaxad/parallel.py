@@ -220,12 +220,15 @@ def put_batch(local_batch, mesh: Mesh):
       local_batch)
 
 
-def prefetch_to_device(batches: Iterator, mesh: Mesh, depth: int = 2) -> Iterator:
-  """`put_batch` of each item of `batches`, `depth` items ahead: the host→device copy of
-  the next batches runs while the current step computes (depth 0: no look-ahead)."""
+def prefetch_to_device(batches: Iterator, mesh: Mesh, depth: int = 2,
+                       put=None) -> Iterator:
+  """`put_batch` (or `put`) of each item of `batches`, `depth` items ahead: the
+  host→device copy of the next batches runs while the current step computes (depth 0:
+  no look-ahead)."""
+  put = put or (lambda batch: put_batch(batch, mesh))
   queue = collections.deque()
   for batch in batches:
-    queue.append(put_batch(batch, mesh))  # asynchronous: returns before the copy ends
+    queue.append(put(batch))  # asynchronous: returns before the copy ends
     if len(queue) > depth:
       yield queue.popleft()
   while queue:

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 from jaxad import background, checkpoint, compile_options, families, files, keys, parallel
 from jaxad import config as config_lib
+from jaxad import device_data
 from jaxad import schedule
 from jaxad import state as state_lib
 from jaxad.data import pipeline
@@ -32,10 +34,14 @@ log = logging.getLogger("jaxad")
 
 
 def make_train_step(family, tx, seed, mesh, ema_rate: float = 0.0,
-                    mutation: tuple[float, int] = (0.0, 8)):
+                    mutation: tuple[float, int] = (0.0, 8), on_device: bool = False):
   """The jit-compiled step: the family's update (by default the gradient of its loss
   and Adam), the EMA, metrics. `mutation` = (rate, bit_depth) perturbs the inputs first
-  (`background.mutate`, the background model of a likelihood ratio)."""
+  (`background.mutate`, the background model of a likelihood ratio).
+
+  step(state, images) takes a batch placed by `parallel.put_batch`; with `on_device`,
+  step(state, device images, rows) gathers the batch from data kept on the devices
+  (`device_data`)."""
   train_key = keys.purpose_key(seed, keys.TRAIN)
   mutation_key = keys.purpose_key(seed, keys.MUTATION)
   update = getattr(family, "train_update", None) or functools.partial(
@@ -55,8 +61,12 @@ def make_train_step(family, tx, seed, mesh, ema_rate: float = 0.0,
                           model_state=model_state, opt_state=opt_state)
     return state, metrics
 
-  replicated = parallel.replicated(mesh)
-  return compile_options.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh)),
+  replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  if on_device:
+    gathered = lambda state, images, rows: step(state, device_data.gather(images, rows, mesh))
+    return compile_options.jit(gathered, in_shardings=(replicated, sharded, replicated),
+                               out_shardings=(replicated, replicated), donate_argnums=0)
+  return compile_options.jit(step, in_shardings=(replicated, sharded),
                              out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -72,14 +82,19 @@ def make_val_step(family, seed, mesh):
   return compile_options.jit(step)
 
 
-def validation_loss(val_step, state, split, config, mesh) -> float:
-  """Mean validation loss per image over the normal images of the validation split."""
-  total, count = 0.0, 0.0
+def validation_batches(split, config, mesh) -> Iterator[tuple[jax.Array, jax.Array]]:
+  """(images, valid) of each padded batch of the split's normal images, on the devices."""
   batches = pipeline.eval_batches(
       split, config.data, global_batch=config.train.batch_size, normal_only=True,
       process_index=jax.process_index(), process_count=jax.process_count())
-  for i, batch in enumerate(batches):
-    images, valid = parallel.put_batch((batch["image"], batch["valid"]), mesh)
+  for batch in batches:
+    yield parallel.put_batch((batch["image"], batch["valid"]), mesh)
+
+
+def validation_loss(val_step, state, batches) -> float:
+  """Mean validation loss per image over `validation_batches`."""
+  total, count = 0.0, 0.0
+  for i, (images, valid) in enumerate(batches):
     s, n = val_step(state, images, valid, i)
     total, count = total + float(s), count + float(n)
   return total / count
@@ -178,6 +193,8 @@ class _Run:
   steps_per_epoch: int
   num_steps: int
   ckpt: checkpoint.Checkpoints
+  on_device: bool = False  # data.on_device: the train and val images live on the devices
+  val_batches: Any = None  # with on_device: the validation batches, placed once
 
 
 def _setup(config, workdir: str, devices) -> tuple[_Run, TrainState]:
@@ -194,7 +211,8 @@ def _setup(config, workdir: str, devices) -> tuple[_Run, TrainState]:
   family, tx = state_lib.build(config, ndim)
   run = _Run(config, train_split, val_split, mesh, family, tx, steps_per_epoch,
              config_lib.total_steps(config, steps_per_epoch),
-             checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints))
+             checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints),
+             device_data.wanted(config.data, (train_split, val_split), mesh))
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
   args = (family, tx, state_lib.image_shape(config, ndim), config.seed, mesh, bool(t.ema_rate))
@@ -255,7 +273,8 @@ class _Log:
 def _validate_epoch(run: _Run, val_step, state, step: int, logs: _Log) -> TrainState:
   """The validation loss at an epoch's end, then the plateau and early-stop schedule."""
   metric = run.family.val_metric
-  val = validation_loss(val_step, state, run.val_split, run.config, run.mesh)
+  batches = run.val_batches or validation_batches(run.val_split, run.config, run.mesh)
+  val = validation_loss(val_step, state, batches)
   state = end_of_epoch(state, val, run.config, run.mesh)
   logs.writer.scalars(step, {f"val/{metric}": val})
   log.info("epoch %d: validation %s %.5g per image", step // run.steps_per_epoch, metric, val)
@@ -264,22 +283,39 @@ def _validate_epoch(run: _Run, val_step, state, step: int, logs: _Log) -> TrainS
   return state
 
 
-def _loop(run: _Run, state: TrainState, logs: _Log, stop_at_step) -> tuple[TrainState, int]:
-  """Steps from the state's step to the end (or early stop, or stop_at_step)."""
+def _step_inputs(run: _Run, step: int) -> Iterator[tuple]:
+  """The train step's arguments after the state, from `step` on: (device images, rows)
+  with data.on_device, else (images,) streamed; both prefetched to the devices."""
   config, t = run.config, run.config.train
-  train_step = make_train_step(run.family, run.tx, config.seed, run.mesh, float(t.ema_rate),
-                               (float(t.mutation_rate), int(config.data.bit_depth)))
-  val_step = make_val_step(run.family, config.seed, run.mesh) if run.val_split else None
-  step = int(state.step)
+  if run.on_device:
+    resident = device_data.place(run.train_split, config.data, run.mesh)
+    if run.val_split is not None:
+      run.val_batches = list(validation_batches(run.val_split, config, run.mesh))
+    rows = device_data.batch_rows(run.train_split, resident, seed=config.seed,
+                                  global_batch=t.batch_size, start_step=step)
+    put = lambda r: parallel.put_replicated(r, run.mesh)
+    return ((resident.images, r) for r in parallel.prefetch_to_device(
+        rows, run.mesh, t.prefetch_to_device, put=put))
   batches = pipeline.train_batches(
       run.train_split, config.data, seed=config.seed, global_batch=t.batch_size,
       start_step=step, process_index=jax.process_index(),
       process_count=jax.process_count())
-  images = parallel.prefetch_to_device((b["image"] for b in batches), run.mesh,
-                                       t.prefetch_to_device)
+  return ((images,) for images in parallel.prefetch_to_device(
+      (b["image"] for b in batches), run.mesh, t.prefetch_to_device))
+
+
+def _loop(run: _Run, state: TrainState, logs: _Log, stop_at_step) -> tuple[TrainState, int]:
+  """Steps from the state's step to the end (or early stop, or stop_at_step)."""
+  config, t = run.config, run.config.train
+  train_step = make_train_step(run.family, run.tx, config.seed, run.mesh, float(t.ema_rate),
+                               (float(t.mutation_rate), int(config.data.bit_depth)),
+                               run.on_device)
+  val_step = make_val_step(run.family, config.seed, run.mesh) if run.val_split else None
+  step = int(state.step)
+  inputs = _step_inputs(run, step) if step < run.num_steps else iter(())
   stopped = bool(int(state.stopped))  # changes only at an epoch's end
   while step < run.num_steps and not stopped:
-    state, metrics = train_step(state, next(images))
+    state, metrics = train_step(state, *next(inputs))
     step += 1
     logs.add(metrics, step)
     if schedule.due(step, t.log_every_steps, run.num_steps):

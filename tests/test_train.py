@@ -98,14 +98,16 @@ def test_divergence_names_the_step(make_config, tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.parametrize("on_device", ["true", "false"])
 def test_steady_state_steps_read_nothing_back_from_the_device(make_config, tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch, on_device):
   """Between log, validation and checkpoint steps the loop only dispatches: any read of
   a device value there (int(), float(), np.asarray, device_get) raises. (Every read goes
   through ArrayImpl._value; jax's transfer guard does not fire for CPU arrays.)"""
   from jax._src import array as array_lib
   config = make_config(**{"train.num_steps": 24, "train.log_every_steps": 12,
-                          "train.checkpoint_every_steps": 12, "data.val_split": "val"})
+                          "train.checkpoint_every_steps": 12, "data.val_split": "val",
+                          "data.on_device": on_device})
   steps_per_epoch = 64 // 2 // 16  # synthetic: half the 64 images are normal
   sync = lambda s: s % 12 == 0 or s % steps_per_epoch == 0
   guarded, reads = set(), []
@@ -123,11 +125,11 @@ def test_steady_state_steps_read_nothing_back_from_the_device(make_config, tmp_p
   def counted_train_step(*args, **kwargs):
     train_step = make_train_step(*args, **kwargs)
 
-    def step(state, images):  # the loop body of a step runs until the next call
+    def step(state, *inputs):  # the loop body of a step runs until the next call
       current["step"] = (current["step"] or 0) + 1
       if not sync(current["step"]) and current["step"] > 1:  # the first step compiles
         guarded.add(current["step"])
-      return train_step(state, images)
+      return train_step(state, *inputs)
 
     step._cache_size = train_step._cache_size
     return step
@@ -250,7 +252,7 @@ def test_cli_trains_evaluates_and_rejects_mistyped_override(tmp_path):
                    "--config.eval.bootstrap=5", binary="jaxad.evaluate")
   assert evaluated.returncode == 0, evaluated.stderr[-2000:]
   assert "vae_rec" in evaluated.stdout  # the headline table
-  for path in ("eval/metrics.json", "eval/report.html", "eval/test/scores.csv"):
+  for path in ("eval/metrics.json", "eval/test/report.html", "eval/test/scores.csv"):
     assert os.path.exists(tmp_path / path), path
   assert "9" in json.load(open(tmp_path / "eval/metrics.json"))["test"]["sample"]["vae"]
 

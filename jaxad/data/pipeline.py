@@ -399,6 +399,15 @@ def padded_indices(indices: np.ndarray, global_batch: int,
   return indices, valid
 
 
+def preprocessed_images(split: Split, data: ml_collections.ConfigDict,
+                        indices: np.ndarray, batch: int = 256) -> np.ndarray:
+  """The images of `indices`, in order, preprocessed as every batch holds them."""
+  indices, valid = padded_indices(np.asarray(indices, np.int64), batch)
+  parts = [b["image"][b["valid"] > 0] for b in
+           _numpy_batches(_dataset(split, data, indices, batch, valid=valid))]
+  return np.concatenate(parts)
+
+
 def eval_batches(split: Split, data: ml_collections.ConfigDict, *, global_batch: int,
                  normal_only: bool = False, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict]:
