@@ -90,6 +90,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.family == "gan":
     _positive(m.latent_dim, "model.latent_dim")
     _validate_gan(m.gan, config.eval)
+  _choice(t.compute_dtype, ("float32", "bfloat16"), "train.compute_dtype")
   _positive(t.batch_size, "train.batch_size")
   _positive(t.learning_rate, "train.learning_rate")
   _positive(t.checkpoint_every_steps, "train.checkpoint_every_steps")

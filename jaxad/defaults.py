@@ -149,6 +149,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.log_every_steps = 50
   t.progress_bar = True
+  t.compute_dtype = "float32"  # float32 | bfloat16: activations and matmuls (accelerators);
+  # parameters, optimiser state, losses and scores stay float32.
   t.prefetch_to_device = 2  # batches copied to the devices ahead of the step (0 = none).
   return c
 
