@@ -6,13 +6,30 @@ yields: sample scores, streaming pixel curves (AUROC/AUPRC and Dice/IoU over
 histograms, so memory stays flat), maps written to disk batch by batch, the report's
 examples. Every file is written atomically; in a multi-process run every process holds
 the same results and process 0 writes the files.
+
+Files, so that no run overwrites another's:
+
+  WORKDIR/eval/<split>/scores.csv, scores.npz, maps.npz (eval.save_maps)
+  WORKDIR/eval/<split>/report.html, figures/*.png     one report per split
+  WORKDIR/eval/metrics.json                           one entry per split, updated under
+                                                      a lock (the others are kept)
+  WORKDIR/eval/input/<name>/                          one folder per --input run: its
+      scores.csv, scores.npz, maps.npz, metrics.json  scores, maps and metrics; <name>
+                                                      is the input's base name, then
+                                                      <name>-2, <name>-3, ... (a new
+                                                      folder each run, never reused)
+
+Nothing is written until every score and map is known to be finite (a non-finite one
+is a FloatingPointError naming the images, the scores and the checkpoint), so a failed
+run leaves the previous files as they were. Maps are collected in a `.maps.*` scratch
+folder beside maps.npz; scratch left by a killed run (its process gone) is removed when
+the next evaluation of that folder starts (`eval_folders`).
 """
 
 import dataclasses
 import os
 import shutil
-import tempfile
-import zipfile
+import time
 from typing import Any
 
 import jax
@@ -20,41 +37,11 @@ import ml_collections
 import numpy as np
 
 from jaxad import config as config_lib
-from jaxad import files, keys, metrics, parallel, scoring
+from jaxad import eval_folders, files, keys, metrics, parallel, scoring
 from jaxad import state as state_lib
 from jaxad.data import lesions as lesions_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import DataError
-
-
-class _MapFile:
-  """Pixel maps (and masks) written to per-name .npy memmaps, zipped into maps.npz."""
-
-  def __init__(self, path: str, n: int, spatial: tuple[int, ...], names, with_mask: bool):
-    self.path, self.tmp = path, tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".maps.")
-    types = {**{k: np.float32 for k in names}, **({"mask": np.uint8} if with_mask else {})}
-    self.arrays = {k: np.lib.format.open_memmap(os.path.join(self.tmp, f"{k}.npy"), "w+",
-                                                t, (n, *spatial)) for k, t in types.items()}
-
-  def write(self, positions: np.ndarray, maps: dict) -> None:
-    for k, v in maps.items():
-      self.arrays[k][positions] = v
-
-  def close(self, extra: dict) -> None:
-    for a in self.arrays.values():
-      a.flush()
-    with files.atomic_path(self.path) as tmp:
-      with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for k in self.arrays:
-          with open(os.path.join(self.tmp, f"{k}.npy"), "rb") as src, \
-               zf.open(f"{k}.npy", "w", force_zip64=True) as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-        for k, v in extra.items():
-          with zf.open(f"{k}.npy", "w", force_zip64=True) as dst:
-            np.lib.format.write_array(dst, np.asarray(v))
-    self.arrays = {}
-    shutil.rmtree(self.tmp, ignore_errors=True)
-
 
 def calibration_images(n: int, groups, fraction: float, seed: int) -> tuple[np.ndarray, str]:
   """(is_calibration, what it is) for n scored images: the part Dice thresholds are
@@ -168,7 +155,8 @@ class _Job:
   family: Any
   variables: Any
   step: int
-  bg: Any  # (family, variables) of the background model, or None
+  checkpoint_dir: str  # the checkpoints folder the model came from
+  bg: Any  # scoring.Background, or None
   spec: Any  # synthetic lesions, or None
   with_maps: bool
   mesh: Any
@@ -186,6 +174,7 @@ class _Job:
 
 def _job(workdir, split, input_path, config, devices) -> _Job:
   """Loads the split (or the unlabelled input), restores the model and its background."""
+  started = time.time()
   e = config.eval
   mesh = parallel.make_mesh(devices)
   parallel.local_batch_size(e.batch_size, mesh, "eval.batch_size")
@@ -196,17 +185,22 @@ def _job(workdir, split, input_path, config, devices) -> _Job:
   else:
     data_split, name = pipeline.load_split(config.data, split), split
   ndim = data_split.source.spatial_ndim
-  family, variables, step = state_lib.restore_variables(config, workdir, ndim, mesh)
+  model = state_lib.restore_for_eval(config, workdir, ndim, mesh)
   bg = scoring.restore_background(config, workdir, ndim, mesh)
   lesion_cfg = config.data.synthetic_lesions
   spec = lesions_lib.spec_from_config(lesion_cfg, "data.synthetic_lesions") \
       if lesion_cfg.enabled and not input_path else None
   with_maps = bool(e.pixel_maps and (data_split.source.has_masks or spec is not None or
                                      (input_path and e.save_maps)))
-  out_dir = os.path.join(workdir, "eval", name)
-  os.makedirs(out_dir, exist_ok=True)
-  return _Job(config, name, data_split, family, variables, step, bg, spec, with_maps, mesh,
-              out_dir, input_path)
+  if input_path:
+    out_dir = eval_folders.input_dir(workdir, input_path)
+  else:
+    out_dir = os.path.join(workdir, "eval", name)
+    os.makedirs(out_dir, exist_ok=True)
+  if parallel.is_main_process():
+    eval_folders.clean_scratch(out_dir, bool(input_path), started)
+  return _Job(config, name, data_split, model.family, model.variables, model.step,
+              model.directory, bg, spec, with_maps, mesh, out_dir, input_path)
 
 
 class _Collector:
@@ -220,15 +214,16 @@ class _Collector:
         len(positions), None if source.groups is None else source.groups[positions],
         e.calibration_fraction, job.config.seed)
     self.index, self.anomalous, self.class_of = [], [], []
+    self.nonfinite_maps = {}  # map → row positions (scoring order) of non-finite maps
     self.sample = scoring.SampleScores(job.family, job.bg, scoring.make_coder(job.family,
                                                                               job.config))
     self.curves = {}  # per map: PixelCurves of the whole split, calibration, report
     self.examples = {"normal": [], "anomalous": []}
     self.map_file = None
     if job.with_maps and e.save_maps and parallel.is_main_process():
-      self.map_file = _MapFile(os.path.join(job.out_dir, "maps.npz"), len(positions),
-                               job.shape[:-1], job.family.pixel_maps,
-                               with_mask=source.has_masks or job.spec is not None)
+      self.map_file = eval_folders.MapFile(
+          os.path.join(job.out_dir, "maps.npz"), len(positions), job.shape[:-1],
+          job.family.pixel_maps, with_mask=source.has_masks or job.spec is not None)
 
   def want_images(self) -> bool:
     half = self.job.config.eval.num_examples // 2
@@ -245,7 +240,8 @@ class _Collector:
     if self.job.spec is not None:
       names[scored.anomalous[valid] > 0] = "lesion"
     self.class_of.append(names)
-    if scored.maps and scored.mask is not None:
+    finite = self._check_maps(scored, rows)
+    if scored.maps and scored.mask is not None and finite:
       self._update_curves(scored, rows)
     if self.map_file is not None:
       saved = {k: v[valid] for k, v in scored.maps.items()}
@@ -254,6 +250,17 @@ class _Collector:
       self.map_file.write(rows, saved)
     if scored.images is not None:
       self._pick_examples(scored)
+
+  def _check_maps(self, scored, rows) -> bool:
+    """Records the images whose maps are not finite; whether all of this batch's are."""
+    ok = True
+    for k, v in scored.maps.items():
+      v = v[scored.valid]
+      good = np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+      if not good.all():
+        self.nonfinite_maps.setdefault(k, []).extend(rows[~good].tolist())
+        ok = False
+    return ok
 
   def _update_curves(self, scored, rows) -> None:
     e, valid = self.job.config.eval, scored.valid
@@ -280,7 +287,7 @@ class _Collector:
         picked.append((self.examples[kind][-1], j))
     if picked and not self.job.input_path:
       _add_reconstructions(picked, self.job.family, self.job.variables, scored.placed,
-                           scored.key)
+                           scored.placed_index, scored.key)
 
 
 def _healthy_stats(job: _Job, score_fn) -> tuple[dict, str | None]:
@@ -288,8 +295,42 @@ def _healthy_stats(job: _Job, score_fn) -> tuple[dict, str | None]:
   if not job.with_maps or job.input_path:
     return {}, None
   healthy, source = scoring.healthy_split(job.config)
-  return scoring.healthy_map_stats(score_fn, job.variables, healthy, job.config, job.mesh,
-                                   job.config.seed), source
+  stats = scoring.healthy_map_stats(score_fn, job.variables, healthy, job.config,
+                                    job.mesh, job.config.seed)
+  bad = sorted(k for k, v in stats.items()
+               if not all(np.isfinite(v[s]) for s in ("mean", "std", "max")))
+  if bad:
+    raise FloatingPointError(
+        f"the checkpoint at step {job.step} in {job.checkpoint_dir} gives non-finite "
+        f"{', '.join(bad)} maps on the healthy {source} images (the N-sigma thresholds), "
+        f"so nothing was written: {_FINITE_FIX}")
+  return stats, source
+
+
+_FINITE_FIX = ("train a new --workdir with a lower --config.train.learning_rate (or "
+               "--config.train.grad_clip), or evaluate a workdir whose model converged")
+
+
+def check_finite(job: _Job, ids, scores: dict, nonfinite_maps: dict) -> None:
+  """Raises FloatingPointError, naming the images, the scores and the checkpoint, when
+  any sample score or map is NaN or infinite (before any result file is written)."""
+  bad = {k: ~np.isfinite(v) for k, v in scores.items() if not np.all(np.isfinite(v))}
+  for k, rows in nonfinite_maps.items():
+    mask = np.zeros(len(ids), bool)
+    mask[rows] = True
+    bad[f"{k} map"] = mask
+  if not bad:
+    return
+  images = np.flatnonzero(np.any(np.stack(list(bad.values())), axis=0))
+  shown = ", ".join(str(ids[i]) for i in images[:5]) + (", ..." if len(images) > 5 else "")
+  if all(k.endswith("_llr") for k in bad) and job.bg is not None:
+    where = f"the background model's checkpoint at step {job.bg.step} in {job.bg.directory}"
+  else:
+    where = f"the checkpoint at step {job.step} in {job.checkpoint_dir}"
+  raise FloatingPointError(
+      f"{where} gives non-finite scores for {len(images)} of {len(ids)} images "
+      f"({shown}): {', '.join(sorted(bad))}; no result file was written (the previous "
+      f"ones are kept): {_FINITE_FIX}")
 
 
 def _score(job: _Job, stats: dict) -> _Collector:
@@ -320,7 +361,12 @@ def _results(job: _Job, got: _Collector, stats, healthy_source, index, anomalous
   result = {"split": job.name, "step": job.step, "num_images": int(len(index)),
             "num_anomalous": int(anomalous.sum()), "family": config.model.family,
             "num_samples": config.eval.num_samples,
-            "synthetic_lesions": job.spec is not None}
+            "synthetic_lesions": job.spec is not None,
+            "folder": os.path.relpath(job.out_dir, os.path.dirname(job.checkpoint_dir))}
+  if job.input_path:
+    result["input"] = os.path.abspath(job.input_path)
+  if job.bg is not None:
+    result["background"] = job.bg.describe()
   if not job.input_path and 0 < anomalous.sum() < len(anomalous):
     normal_names = sorted(set(class_of[anomalous == 0]))
     result.update(_sample_metrics(scores, anomalous, class_of, normal_names, groups, config))
@@ -350,34 +396,42 @@ def evaluate(workdir: str, *, split: str = "test", input_path: str | None = None
   """Scores a split (or the unlabelled images at `input_path`); returns the metrics.
 
   Writes `workdir/eval/<split>/scores.{csv,npz}` (and `maps.npz` with eval.save_maps),
-  `workdir/eval/metrics.json` (one entry per split) and `workdir/eval/report.html`.
+  this split's entry of `workdir/eval/metrics.json` and `workdir/eval/<split>/report.html`;
+  an --input run writes its scores, maps and metrics.json into a new folder
+  `workdir/eval/input/<name>[-N]` (module docstring). Nothing is written when a score
+  or map is not finite.
   """
   config = config_lib.load_workdir_config(workdir) if config is None else config
   job = _job(workdir, split, input_path, config, devices)
-  stats, healthy_source = _healthy_stats(job, scoring.make_score_fn(job.family,
-                                                                    job.with_maps))
-  got = _score(job, stats)
-  index = np.concatenate(got.index)
-  anomalous = np.concatenate(got.anomalous).astype(np.int32)
-  class_of = np.concatenate(got.class_of).astype(str)
-  scores = got.sample.result(config, job.shape)
-  ids = job.source.ids[index]
-  if jax.process_index() == 0:
+  got = None
+  try:
+    stats, healthy_source = _healthy_stats(job, scoring.make_score_fn(job.family,
+                                                                      job.with_maps))
+    got = _score(job, stats)
+    index = np.concatenate(got.index)
+    anomalous = np.concatenate(got.anomalous).astype(np.int32)
+    class_of = np.concatenate(got.class_of).astype(str)
+    scores = got.sample.result(config, job.shape)
+    ids = job.source.ids[index]
+    check_finite(job, ids, scores, got.nonfinite_maps)
+    result = _results(job, got, stats, healthy_source, index, anomalous, class_of, scores)
+    grid = None if input_path else _example_grid(got.examples)
+  except BaseException:
+    if got is not None and got.map_file is not None:
+      got.map_file.discard()
+    if input_path and parallel.is_main_process():
+      shutil.rmtree(job.out_dir, ignore_errors=True)  # this run's own new folder
+    raise
+  if parallel.is_main_process():
     _write_scores(job.out_dir, ids, index, class_of, anomalous, scores)
   if got.map_file is not None:
     got.map_file.close({"index": index, "id": np.asarray(ids, str)})
-  if not np.all(np.isfinite(np.stack(list(scores.values())))):
-    bad = [k for k, v in scores.items() if not np.all(np.isfinite(v))]
-    raise FloatingPointError(f"non-finite scores {bad}: the checkpoint may have diverged")
-  result = _results(job, got, stats, healthy_source, index, anomalous, class_of, scores)
-  grid = None if input_path else _example_grid(got.examples)
   if parallel.is_main_process():
-    path = os.path.join(workdir, "eval", "metrics.json")
-    everything = files.read_json(path) if os.path.exists(path) else {}
-    everything[job.name] = result
-    files.write_json(path, everything)
-    if not input_path:
-      _write_report(workdir, job.name, result, scores, class_of, anomalous, grid)
+    if input_path:
+      files.write_json(os.path.join(job.out_dir, "metrics.json"), result)
+    else:
+      files.update_json(os.path.join(workdir, "eval", "metrics.json"), job.name, result)
+      _write_report(job.out_dir, job.name, result, scores, class_of, anomalous, grid)
   return result
 
 
@@ -403,11 +457,11 @@ def score_ranking(sample: dict, val_auroc: dict | None, split: str) -> dict:
           "auroc": {k: values.get(k) for k in order}}
 
 
-def _add_reconstructions(picked, family, variables, images, rng) -> None:
-  """Stores each picked example's reconstruction, from its whole batch and the key the
-  batch was scored with (the GAN's latent search then ends where the scored one did).
+def _add_reconstructions(picked, family, variables, images, index, rng) -> None:
+  """Stores each picked example's reconstruction, from its whole batch and the keys its
+  images were scored with (the GAN's latent search then ends where the scored one did).
   Runs on every process: it is a computation over the global mesh."""
-  recon = scoring.make_reconstruct_fn(family)(variables, images, rng)
+  recon = scoring.make_reconstruct_fn(family)(variables, images, index, rng)
   if recon is None:
     return
   recon = parallel.allgather(recon)
@@ -430,9 +484,10 @@ def _example_grid(examples) -> dict | None:
   return grid
 
 
-def _write_report(workdir, name, result, scores, class_of, anomalous, grid) -> None:
+def _write_report(out_dir, name, result, scores, class_of, anomalous, grid) -> None:
+  """out_dir/report.html and out_dir/figures/: one report per split."""
   from jaxad import report
-  report.write_report(os.path.join(workdir, "eval"), title=f"jaxad evaluation: {name} split",
+  report.write_report(out_dir, title=f"jaxad evaluation: {name} split",
                       metrics=result, scores=scores, class_names=class_of,
                       anomalous=anomalous, examples=grid)
 

@@ -2,16 +2,39 @@
 
 Each writer writes a temporary file in the destination folder and renames it over the
 target (`os.replace` is atomic on POSIX), so an interrupted run leaves the old file.
-JSON is strict: NaN and ±inf, which JSON cannot express, are written as null.
+A written file gets the mode `open()` would give it (0o666 less the process umask),
+not mkstemp's 0600. JSON is strict: NaN and ±inf, which JSON cannot express, are
+written as null.
 `log_to_file` keeps a plain-text log of the "jaxad" logger in a workdir.
 """
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import tempfile
+import threading
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+  """The process umask, read without changing it where Linux shows it
+  (/proc/self/status, "Umask:"); elsewhere set to 0o077 and restored under a lock (a
+  file another thread creates in between is at worst private, never world-writable)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  with _UMASK_LOCK:
+    mask = os.umask(0o077)
+    os.umask(mask)
+  return mask
 
 
 @contextlib.contextmanager
@@ -23,7 +46,7 @@ def atomic_path(path: str):
   os.close(fd)
   try:
     yield tmp
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; open() honours the umask
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -54,6 +77,26 @@ def finite_or_none(obj):
   if isinstance(obj, (list, tuple)):
     return [finite_or_none(v) for v in obj]
   return obj
+
+
+def update_json(path: str, key: str, value) -> dict:
+  """Sets `key` of the JSON object at `path` (created if missing) to `value`, the other
+  keys kept; the read-modify-write holds an exclusive lock on the folder, so two runs
+  updating different keys at once both land. Returns the whole object written."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd = os.open(folder, os.O_RDONLY)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks: the update is still atomic
+      pass
+    everything = read_json(path) if os.path.exists(path) else {}
+    everything[key] = value
+    write_json(path, everything)
+    return everything
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def read_json(path: str):

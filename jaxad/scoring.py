@@ -3,22 +3,25 @@ background score, batch by batch; the healthy-map statistics; the derived scores
 
 The eval binary, validation ranking and the grid all score through here, so a number
 means the same wherever it is reported. Batches are padded and carry `index` and
-`valid` (every image scored exactly once on any device count); batch b's key is
-`fold_in(purpose_key(seed, purpose), b)`. Multi-process: each process scores its shard
-of every global batch, then every process gathers the whole batch
-(`parallel.allgather`) so all hold the same results.
+`valid` (every image scored exactly once on any device count). Keys are per image, as
+the synthetic lesions are: image i of a split is scored alone with
+`fold_in(purpose_key(seed, purpose), i)` (`per_image`), so its sample scores, maps and
+reconstruction depend on neither eval.batch_size, the devices nor its batch-mates.
+Multi-process: each process scores its shard of every global batch, then every process
+gathers the whole batch (`parallel.allgather`) so all hold the same results.
 """
 
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 
 from jaxad import background, compile_options, keys, metrics, parallel
+from jaxad import config as config_lib
 from jaxad import state as state_lib
 from jaxad.data import lesions as lesions_lib
 from jaxad.data import pipeline
@@ -28,36 +31,91 @@ from jaxad.scores import complexity as complexity_lib
 RANGE_FACTOR = 4.0  # pixel curves span [0, RANGE_FACTOR × the healthy maps' maximum]
 
 
+def per_image(batch_fn: Callable) -> Callable:
+  """batch_fn(variables, images, key) → fn(variables, images, index, key) that runs
+  batch_fn on each image alone (a batch of one, vmapped) with the key
+  fold_in(key, index[i]): an image's result is a function of (key, its index) only.
+
+  batch_fn's outputs have the batch on their leading axis (or are None). The families'
+  score functions run in eval mode (BatchNorm's running statistics), so the vmapped
+  batch of one is the same computation as the batch, image by image.
+  """
+  def fn(variables, images, index, key):
+    def one(image, i):
+      out = batch_fn(variables, image[None], jax.random.fold_in(key, i))
+      return jax.tree.map(lambda x: x[0], out)
+    return jax.vmap(one)(images, index)
+  return fn
+
+
 @functools.lru_cache(maxsize=8)
 def make_score_fn(family, with_maps: bool):
-  """One jitted pass: every sample-wise score, and the pixel maps when asked.
+  """One jitted pass: every sample-wise score, and the pixel maps when asked;
+  fn(variables, images, index, key), image i keyed by fold_in(key, index[i]).
 
   Cached, so evaluating several splits (or workdirs of one architecture) compiles once.
   """
-  return compile_options.jit(functools.partial(family.score, with_maps=with_maps))
+  return compile_options.jit(per_image(functools.partial(family.score,
+                                                         with_maps=with_maps)))
 
 
 @functools.lru_cache(maxsize=8)
 def make_reconstruct_fn(family):
   """What the report's grid shows beside each image (None if the family has nothing),
-  from the batch and the key its scores came from."""
-  return compile_options.jit(family.reconstruct)
+  fn(variables, images, index, key) with the keys its scores came from."""
+  return compile_options.jit(per_image(family.reconstruct))
 
 
-def restore_background(config, workdir: str, spatial_ndim: int, mesh):
-  """(family, variables) of the likelihood ratio's background model, or None when
-  background.enabled is off."""
+class Background(NamedTuple):
+  """The likelihood ratio's background model as the scoring pass uses it."""
+  family: Any
+  variables: Any
+  step: int  # its checkpoint's step
+  num_steps: int  # the steps its config trains for
+  stopped_early: bool
+  directory: str  # its checkpoints folder
+
+  def describe(self) -> dict:
+    """What metrics.json records of it."""
+    return {"step": self.step, "num_steps": self.num_steps,
+            "stopped_early": self.stopped_early}
+
+
+def background_num_steps(bg_config) -> int:
+  """The steps the trainer runs the background model for (`config.total_steps` with its
+  own data's steps per epoch)."""
+  if bg_config.train.num_steps > 0:
+    return config_lib.total_steps(bg_config, 0)
+  train = pipeline.load_split(bg_config.data, "train")
+  return config_lib.total_steps(
+      bg_config, pipeline.steps_per_epoch(train, bg_config.train.batch_size))
+
+
+def restore_background(config, workdir: str, spatial_ndim: int, mesh) -> Background | None:
+  """The likelihood ratio's background model, or None when background.enabled is off.
+
+  Its training must have finished (its config's steps, or early stopping): the
+  `*_llr` scores of a half-trained background model are a different score.
+  """
   if not config.background.enabled:
     return None
   directory = os.path.join(workdir, background.SUBDIR)
+  fix = (f"run python -m jaxad.train again with the same --config and --workdir={workdir} "
+         "to finish the background model (it trains after the model), or pass "
+         "--config.background.enabled=False")
   if not os.path.isdir(os.path.join(directory, "checkpoints")):
+    raise CheckpointError(f"background.enabled is on but {directory} holds no "
+                          f"checkpoint: {fix}")
+  bg_config = background.background_config(config)
+  restored = state_lib.restore_for_eval(bg_config, directory, spatial_ndim, mesh)
+  num_steps = background_num_steps(bg_config)
+  if restored.step < num_steps and not restored.stopped:
     raise CheckpointError(
-        f"background.enabled is on but {directory} holds no checkpoint: run python -m "
-        f"jaxad.train again with the same --config and --workdir={workdir} (it trains the "
-        "background model after the model), or pass --config.background.enabled=False")
-  bg_family, bg_variables, _ = state_lib.restore_variables(
-      background.background_config(config), directory, spatial_ndim, mesh)
-  return bg_family, bg_variables
+        f"the background model's latest checkpoint in {restored.directory} is at step "
+        f"{restored.step} of the {num_steps} its config trains for (its training did not "
+        f"finish), so its *_llr scores would come from a half-trained model: {fix}")
+  return Background(restored.family, restored.variables, restored.step, num_steps,
+                    restored.stopped, restored.directory)
 
 
 def batches(split, config, *, normal_only=False, process_index=None, process_count=None):
@@ -107,12 +165,12 @@ def make_coder(family, config):
   return None
 
 
-def score_batch(score_fn, variables, bg, images, key):
+def score_batch(score_fn, variables, bg, images, index, key):
   """The family's one pass, and the background model's scores of the same images with
-  the same key (prefixed background_)."""
-  out, maps = score_fn(variables, images, key)
+  the same keys (prefixed background_)."""
+  out, maps = score_fn(variables, images, index, key)
   if bg is not None:
-    bg_out, _ = make_score_fn(bg[0], False)(bg[1], images, key)
+    bg_out, _ = make_score_fn(bg[0], False)(bg[1], images, index, key)
     out = {**out, **{background.PREFIX + k: v for k, v in bg_out.items()}}
   return out, maps
 
@@ -120,7 +178,8 @@ def score_batch(score_fn, variables, bg, images, key):
 @dataclasses.dataclass
 class Scored:
   """One global batch after scoring, gathered on every process (rows not yet filtered
-  by `valid`); `placed` and `key` are what it was scored with (for reconstructions)."""
+  by `valid`); `placed`, `placed_index` and `key` are what it was scored with (for
+  reconstructions: image i's key is fold_in(key, index[i]))."""
   index: np.ndarray
   valid: np.ndarray  # bool
   label: np.ndarray
@@ -131,18 +190,19 @@ class Scored:
   images: np.ndarray | None  # only when asked for (the largest thing to gather)
   lengths: dict | None  # complexity code lengths of the images
   placed: Any
+  placed_index: Any
   key: jax.Array
 
 
 def score_split(score_fn, variables, batch_iter, mesh, key, *, bg=None, coder=None,
                 want_images: Callable[[], bool] = lambda: False) -> Iterator[Scored]:
-  """Scores each batch of `batch_iter` (batch b with fold_in(key, b)), the images coded
-  on host threads beside the device, and yields it gathered (`Scored`)."""
-  for b, batch in enumerate(batch_iter):
+  """Scores each batch of `batch_iter` (image i with fold_in(key, i), `per_image`), the
+  images coded on host threads beside the device, and yields it gathered (`Scored`)."""
+  for batch in batch_iter:
     images = batch["image"]
-    placed, batch_key = parallel.put_batch(images, mesh), jax.random.fold_in(key, b)
+    placed, placed_index = parallel.put_batch((images, batch["index"]), mesh)
     coded = coder.submit(images) if coder else None  # host threads, beside the device
-    out, maps = score_batch(score_fn, variables, bg, placed, batch_key)
+    out, maps = score_batch(score_fn, variables, bg, placed, placed_index, key)
     with_images = want_images()
     out, maps, mask, anomalous, gathered, rows, coded = parallel.allgather(
         (out, maps, batch.get("mask"), batch.get("anomalous"),
@@ -150,7 +210,7 @@ def score_split(score_fn, variables, batch_iter, mesh, key, *, bg=None, coder=No
          {k: batch[k] for k in ("index", "valid", "label") if k in batch},
          coded.result() if coded else None))
     yield Scored(rows["index"], rows["valid"] > 0, rows.get("label"), anomalous, out, maps,
-                 mask, gathered, coded, placed, batch_key)
+                 mask, gathered, coded, placed, placed_index, key)
 
 
 class MapStats:

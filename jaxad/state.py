@@ -5,6 +5,7 @@ created directly replicated on the mesh; a restore builds its target with
 `jax.eval_shape` (shapes, dtypes, shardings) and never runs a real initialisation.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -126,12 +127,19 @@ def eval_params(state: TrainState):
   return state.ema_params if state.ema_params else state.params
 
 
-def restore_variables(config: ml_collections.ConfigDict, workdir: str, spatial_ndim: int,
-                      mesh):
-  """(family, variables, step) of a workdir's latest checkpoint, replicated on `mesh`.
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What evaluation needs of a workdir's latest checkpoint."""
+  family: Any
+  variables: Any  # {"params": the EMA where kept, else params; other collections}
+  step: int
+  stopped: bool  # early stopping ended its training
+  directory: str  # the checkpoints folder it came from
 
-  The variables hold the EMA parameters when the run kept an EMA (score models).
-  """
+
+def restore_for_eval(config: ml_collections.ConfigDict, workdir: str, spatial_ndim: int,
+                     mesh) -> Restored:
+  """A workdir's latest checkpoint, replicated on `mesh`, as evaluation uses it."""
   family, tx = build(config, spatial_ndim)
   ckpt = checkpoint.Checkpoints(workdir)
   try:
@@ -140,4 +148,15 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, spatial_n
   finally:
     ckpt.close()
   variables = {"params": eval_params(state), **state.model_state}
-  return family, variables, int(state.step)
+  return Restored(family, variables, int(state.step), bool(int(state.stopped)),
+                  ckpt.directory)
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str, spatial_ndim: int,
+                      mesh):
+  """(family, variables, step) of a workdir's latest checkpoint, replicated on `mesh`.
+
+  The variables hold the EMA parameters when the run kept an EMA (score models).
+  """
+  r = restore_for_eval(config, workdir, spatial_ndim, mesh)
+  return r.family, r.variables, r.step

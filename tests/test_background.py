@@ -83,6 +83,8 @@ def test_llr_is_the_bpd_difference_of_the_two_models_on_the_same_pass(with_backg
   workdir, config, _ = with_background
   result = evaluation.evaluate(workdir, config=config)
   assert {"vae_llr", "iwae_llr"} <= set(result["sample"])
+  assert result["step"] == 12 and result["background"] == {
+      "step": 12, "num_steps": 12, "stopped_early": False}
   main = np.load(os.path.join(workdir, "eval", "test", "scores.npz"))
   # The background workdir evaluated on its own: its scores with the same keys.
   bg_config = background.background_config(config)
@@ -113,3 +115,34 @@ def test_background_on_a_generic_dataset_sees_every_class(make_config, tmp_path)
   assert saved["data"]["source"] == "digits" and saved["data"]["normal_classes"] == ["*"]
   log = open(os.path.join(str(tmp_path), "background", "train.log")).read()
   assert "on digits" in log  # trained on the digits' train split, every class of it
+
+
+def test_half_trained_background_model_is_a_clear_error(make_config, tmp_path):
+  # The background's step was dropped: its *_llr scores could come from a model whose
+  # training was killed half-way. Durations in epochs: its own data's steps per epoch.
+  from jaxad.data import pipeline
+  config = make_config(**{"train.num_steps": 0, "train.num_epochs": 2,
+                          "train.checkpoint_every_steps": 1, "eval.bootstrap": 0,
+                          "eval.pixel_maps": False})
+  workdir = str(tmp_path)
+  trainer.train_and_evaluate(config, workdir)  # the model alone
+  config.background.enabled = True
+  bg_config = background.background_config(config)
+  num_steps = 2 * pipeline.steps_per_epoch(pipeline.load_split(bg_config.data, "train"),
+                                           bg_config.train.batch_size)
+  assert num_steps > 1
+  trainer.train_and_evaluate(bg_config, os.path.join(workdir, "background"),
+                             stop_at_step=1)  # killed after its first checkpoint
+  with pytest.raises(CheckpointError, match=(
+      r"background model's latest checkpoint in .*background/checkpoints is at step 1 of "
+      rf"the {num_steps} its config trains for .*: run python -m jaxad.train again with "
+      r"the same --config and --workdir=.* to finish the background model.*"
+      r"--config.background.enabled=False")):
+    evaluation.evaluate(workdir, config=config)
+  assert not os.path.exists(os.path.join(workdir, "eval", "test", "scores.csv"))
+  trainer.train_background(config, workdir)  # finishes it
+  result = evaluation.evaluate(workdir, config=config)
+  assert result["background"] == {"step": num_steps, "num_steps": num_steps,
+                                  "stopped_early": False}
+  saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))["test"]
+  assert saved["background"]["step"] == num_steps and saved["step"] == num_steps

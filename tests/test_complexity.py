@@ -199,7 +199,7 @@ def test_complexity_corrects_a_built_in_bias(make_config, tmp_path):
   assert f"* {ranking['best']}" in table and "validation AUROC" in table
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
   assert saved["test"]["ranking"]["best"] == ranking["best"]
-  html = open(os.path.join(workdir, "eval", "report.html")).read()
+  html = open(os.path.join(workdir, "eval", "test", "report.html")).read()
   assert "Which score to trust" in html and f"★ {ranking['best']}" in html
 
   # The scores file against an independent computation: Pillow's PNG of each test

@@ -84,9 +84,9 @@ def test_gan_eval_has_every_score_logreg_and_residual_maps(evaluated_gan):
   rows = open(os.path.join(workdir, "eval", "test", "scores.csv")).read().splitlines()
   assert set(latent_search.SAMPLE_SCORES) <= set(rows[0].split(","))
   assert len(rows) == 1 + result["num_images"]
-  html = open(os.path.join(workdir, "eval", "report.html")).read()
+  html = open(os.path.join(workdir, "eval", "test", "report.html")).read()
   assert "gan_residual" in html
-  figures = os.listdir(os.path.join(workdir, "eval", "figures"))
+  figures = os.listdir(os.path.join(workdir, "eval", "test", "figures"))
   assert any("density" in f and "gan" in f for f in figures), figures
 
 
@@ -209,7 +209,7 @@ def test_3d_volumes_train_and_evaluate_with_every_score(tmp_path, family):
     assert np.isfinite(result["sample"][k]["all"]["auroc"])
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))["test"]
   assert set(saved["pixel"]) == set(maps)
-  assert os.path.exists(os.path.join(workdir, "eval", "report.html"))
+  assert os.path.exists(os.path.join(workdir, "eval", "test", "report.html"))
 
 
 # ----------------------------------------------------------------------------------
@@ -314,4 +314,4 @@ def test_digits_configs_train_evaluate_and_report(tmp_path, name):
     assert 0.0 <= result["sample"][k]["all"]["auroc"] <= 1.0
     assert 0.0 <= result["logistic_regression"][k]["auroc"] <= 1.0
   assert "gan" in evaluation.headline_table(result)
-  assert os.path.exists(os.path.join(workdir, "eval", "report.html"))
+  assert os.path.exists(os.path.join(workdir, "eval", "test", "report.html"))

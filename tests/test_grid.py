@@ -1,6 +1,7 @@
 """Hyperparameter grids: members equal single runs, own data streams, tables, resume."""
 
 import csv
+import io
 import json
 import os
 
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 
 from jaxad import evaluation, keys, metrics, parallel, scoring, trainer
+from jaxad import files as files_lib
 from jaxad import state as state_lib
 from jaxad.grid import axes as grid_axes
 from jaxad.grid import data as grid_data
 from jaxad.grid import evaluate as grid_eval
+from jaxad.grid import report as grid_report
 from jaxad.grid import run as grid
 from jaxad.grid import train as grid_train
 from jaxad.data import lesions, pipeline
@@ -202,9 +205,10 @@ def test_grid_pixel_range_is_the_eval_binarys_and_counts_clipped_pixels(
     normal = data.test_split.normal_indices
     padded = np.r_[normal, np.full(-len(normal) % 16, normal[0])].reshape(-1, 16)
     maps = {}
-    for b, rows in enumerate(padded):
-      _, out = score_fn(variables, parallel.put_batch(images[rows], mesh), jax.random.fold_in(
-          keys.purpose_key(c.seed, keys.EVAL), b))
+    for rows in padded:  # image i keyed by fold_in(purpose_key(seed, EVAL), i)
+      _, out = score_fn(variables, *parallel.put_batch((images[rows], rows.astype(np.int32)),
+                                                       mesh),
+                        keys.purpose_key(c.seed, keys.EVAL))
       for name, v in out.items():
         maps.setdefault(name, []).append(np.asarray(v))
     for name, got in results[k]["pixel"].items():
@@ -252,3 +256,38 @@ def test_test_images_are_coded_once_per_data_config(make_config):
     np.testing.assert_array_equal(v, want[k])
   config.eval.complexity = False
   assert grid_data.load_data(grid_axes.plan(config)[0]).test_lengths is None
+
+
+def _fake_group(name, latent_dim):
+  """A group record as _run_group makes it: scores in scoring order (derived last)."""
+  sample_names = ("vae", "vae_kl", "vae_rec", "iwae", "iwae_kl", "iwae_rec",
+                  "vae_complexity", "iwae_complexity", "jpegxl_bpd")
+  members = [{"member": k, "values": {"seed": k, "latent_dim": latent_dim},
+              "sample": {n: {"auroc": 0.5 + 0.01 * i + 0.1 * k, "auprc": 0.5}
+                         for i, n in enumerate(sample_names)},
+              "pixel": {"rec_error": {"auroc": 0.7, "auprc": 0.2}}} for k in (0, 1)]
+  return {"name": name, "values": {"latent_dim": latent_dim}, "members": members}
+
+
+def test_grid_csv_rows_do_not_depend_on_which_groups_were_read_back(tmp_path):
+  # A resumed grid reads finished groups back from JSON, written with sorted keys: the
+  # derived scores then came in another order, and the row order followed the first
+  # group's dicts.
+  def results(groups):
+    return {"axes": {"seed": [0, 1], "latent_dim": [2, 4]}, "groups": groups}
+
+  fresh = [_fake_group("g000", 2), _fake_group("g001", 4)]
+  files_lib.write_json(str(tmp_path / "g000.json"), fresh[0])
+  read_back = [files_lib.read_json(str(tmp_path / "g000.json")), _fake_group("g001", 4)]
+  assert list(read_back[0]["members"][0]["sample"]) != list(fresh[0]["members"][0]["sample"])
+  texts = []
+  for i, groups in enumerate((fresh, read_back, read_back[::-1])):
+    grid_report.write_csv(str(tmp_path / f"{i}.csv"), results(groups))
+    texts.append((tmp_path / f"{i}.csv").read_text())
+  assert texts[0] == texts[1] == texts[2]
+  table = list(csv.DictReader(io.StringIO(texts[0])))
+  assert [(r["group"], r["member"]) for r in table[::10]] == [
+      ("g000", "0"), ("g000", "1"), ("g001", "0"), ("g001", "1")]
+  assert [r["score"] for r in table[:10]] == [
+      *grid_report.KINDS["sample"], "iwae_complexity", "jpegxl_bpd", "vae_complexity",
+      "rec_error"]

@@ -193,3 +193,15 @@ def test_bad_inputs_raise_data_error(tmp_path):
     report.write_report(str(tmp_path), title="t", metrics={}, class_names=class_names,
                         anomalous=anomalous, scores=scores, examples=examples)
   assert not os.path.exists(tmp_path / "report.html")  # nothing half-written
+
+
+def test_report_files_honour_the_umask(tmp_path):
+  old = os.umask(0o077)
+  try:
+    page = check_report(report.write_report(
+        str(tmp_path), title="private", metrics={}, scores={"vae": np.arange(50.0)},
+        class_names=np.array(["NORMAL"] * 50), anomalous=np.zeros(50, int)))
+  finally:
+    os.umask(old)
+  written = [tmp_path / "report.html"] + [tmp_path / src for src in image_sources(page)]
+  assert {oct(os.stat(p).st_mode & 0o777) for p in written} == {"0o600"}

@@ -378,3 +378,83 @@ def test_scores_sharded_over_devices_match_one_device():
     sharded, single = fn(replicated, x_sharded, rng), fn(*one, rng)
     for name, value in sharded.items():
       np.testing.assert_allclose(value, single[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------- keys per image
+
+
+def _filled(abstract, seed=0):
+  """Variables of `abstract`'s structure from NumPy (no PRNG initialiser to compile)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "batch_stats" in name:
+      return jnp.zeros(leaf.shape) if "mean" in name else jnp.ones(leaf.shape)
+    if "scale" in name:
+      return jnp.ones(leaf.shape)
+    fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1
+    return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(fan_in), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+FAMILY_CONFIGS = {
+    "vae": {"model.norm": "batch"},
+    "score": {"model.family": "score", "model.name": "unet", "model.unet.base_width": 8,
+              "model.unet.channel_mult": (1,), "model.unet.num_res_blocks": 1,
+              "model.unet.attention_resolutions": (), "model.unet.groups": 4,
+              "model.sde.discrete": True, "eval.sano.dsm_samples": 2},
+    "gan": {"model.family": "gan", "model.name": "dcgan", "model.latent_dim": 4,
+            "model.widths": (8,), "eval.latent_steps": 3, "eval.latent_lr": 1e-2},
+}
+
+
+def _scored_by_index(family, variables, split, config, batch_size):
+  """{index: (scores, maps, reconstruction)} of the eval binary's scoring pass."""
+  from jaxad import keys, parallel, scoring
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size = batch_size
+  mesh = parallel.make_mesh()
+  key = keys.purpose_key(config.seed, keys.EVAL)
+  recon_fn = scoring.make_reconstruct_fn(family)
+  out = {}
+  for s in scoring.score_split(scoring.make_score_fn(family, True), variables,
+                               scoring.batches(split, config), mesh, key):
+    recon = recon_fn(variables, s.placed, s.placed_index, s.key)
+    recon = None if recon is None else np.asarray(recon)
+    for j in np.flatnonzero(s.valid):
+      out[int(s.index[j])] = ({k: v[j] for k, v in s.scores.items()},
+                              {k: v[j] for k, v in s.maps.items()},
+                              None if recon is None else recon[j])
+  return out
+
+
+@pytest.mark.parametrize("name", ["vae", "score", "gan"])
+def test_scores_maps_and_reconstructions_do_not_depend_on_eval_batch_size(make_config,
+                                                                          name):
+  # Keys were per batch (fold_in(key, b)): eval.batch_size changed every sampled score
+  # and gradient map. Image i is now scored alone with fold_in(key, i).
+  from jaxad import state as state_lib
+  from jaxad.data import pipeline
+  config = make_config(**FAMILY_CONFIGS[name])
+  split = pipeline.load_split(config.data, "test")
+  family, _ = state_lib.build(config, 2)
+  shape = state_lib.image_shape(config, 2)
+  variables = _filled(jax.eval_shape(functools.partial(family.init, shape=shape),
+                                    jax.random.key(0)))
+  small = _scored_by_index(family, variables, split, config, 8)
+  large = _scored_by_index(family, variables, split, config, 24)
+  assert sorted(small) == sorted(large) == list(range(len(split.source)))
+  assert len(split.source) % 24  # the last batch is padded
+  for i, (scores, maps, recon) in small.items():
+    other = large[i]
+    assert set(scores) == set(family.sample_scores) and set(maps) == set(family.pixel_maps)
+    for k in scores:
+      np.testing.assert_allclose(scores[k], other[0][k], rtol=1e-5, atol=1e-5,
+                                 err_msg=f"{k} of image {i}")
+    for k in maps:
+      np.testing.assert_allclose(maps[k], other[1][k], rtol=1e-5, atol=1e-5,
+                                 err_msg=f"{k} map of image {i}")
+    if recon is not None:
+      np.testing.assert_allclose(recon, other[2], rtol=1e-5, atol=1e-5)

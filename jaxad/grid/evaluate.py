@@ -3,8 +3,9 @@
 A member's numbers are what `jaxad.evaluate` reports for its config: the same scores
 (complexity and likelihood-ratio ones via `scoring.likelihood_derived`; the test images
 coded once per data config from when `grid.data.load_data` reads them), the same keys
-(batch b: `fold_in(purpose_key(seed, EVAL), b)`), the same lesions (a function of the
-lesion seed and the image's index alone), and pixel curves over the same range
+(image i scored alone with `fold_in(purpose_key(seed, EVAL), i)`, `scoring.per_image`,
+whatever eval.batch_size), the same lesions (a function of the lesion seed and the
+image's index alone), and pixel curves over the same range
 (`scoring.pixel_range` of the member's healthy-map statistics, `scoring.MapStats`),
 with the pixels above it counted as `clipped_pixels`.
 """
@@ -37,22 +38,23 @@ def make_score_fn(model, kind: str, num_samples: int, smooth_sigma: float, maps:
                   layout: Layout, purpose: int = EVAL):
   """jit(vmap): member k scores images[idx[k]]; sample scores, or pixel maps if `maps`.
 
-  Batch b's key is the eval binary's: fold_in(purpose_key(seed, purpose), b).
+  Image i's key is the eval binary's: fold_in(purpose_key(seed, purpose), i)
+  (`scoring.per_image`).
   """
 
-  def member(params, model_state, beta, seed, images, b):
+  def member(params, model_state, beta, seed, images, index):
     family = member_family(model, kind, beta, num_samples=num_samples,
                            smooth_sigma=smooth_sigma)
-    rng = jax.random.fold_in(keys.purpose_key(seed, purpose), b)
     # The family's one pass gives both; jit drops the half not returned.
-    return family.score({"params": params, **model_state}, images, rng, maps)[int(maps)]
+    one_pass = lambda v, x, rng: family.score(v, x, rng, maps)[int(maps)]
+    return scoring.per_image(one_pass)({"params": params, **model_state}, images, index,
+                                       keys.purpose_key(seed, purpose))
 
-  def score(state: GridState, all_images, idx, betas, seeds, b):
-    return jax.vmap(member, in_axes=(0, 0, 0, 0, 0, None))(
-        state.params, state.model_state, betas, seeds, layout.gather(all_images, idx), b)
+  def score(state: GridState, all_images, idx, betas, seeds):
+    return jax.vmap(member)(state.params, state.model_state, betas, seeds,
+                            layout.gather(all_images, idx), idx)
 
-  return compile_options.jit(
-      layout.per_member(score, (True, False, True, True, True, False)))
+  return compile_options.jit(layout.per_member(score, (True, False, True, True, True)))
 
 
 def lesioned(images: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +76,7 @@ def _run(score_fn, state, dev_images, index_lists, batch, betas, seeds, layout, 
   from tqdm.auto import tqdm
   for b in tqdm(range(idx.shape[1]), disable=not progress, desc=desc, unit="batch",
                 mininterval=1.0):
-    out = score_fn(state, dev_images, layout.put(idx[:, b], layout.batch), betas, seeds,
-                   jnp.int32(b))
+    out = score_fn(state, dev_images, layout.put(idx[:, b], layout.batch), betas, seeds)
     consume(idx[:, b], valid[:, b] > 0, jax.device_get(out))
 
 

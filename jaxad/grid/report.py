@@ -2,11 +2,14 @@
 
 grid.csv has one row per member and score: group, member, every axis value, the score,
 its kind (sample or pixel), AUROC and AUPRC (empty when a member diverged or its data
-has one class only). Each figure shows, for one axis, the AUROC of every score against
-the axis values (Zimmerer et al.'s Figures 1 and 2): when the grid has a seed axis, the
-AUROCs of each seed are first averaged over the other axes, and the line is the mean
-over seeds with the band from the lowest to the highest seed; without one, the band
-spans every member with that value. Figures use `matplotlib.figure.Figure` (Agg),
+has one class only). Rows are sorted by group (g000, g001, ...: the plan's order),
+member, kind (sample, then pixel) and score (KINDS' own in their order, then the
+derived ones by name), so a resumed grid that read some groups back writes the same
+file. Each figure shows, for one axis, the AUROC of every score against the axis values
+(Zimmerer et al.'s Figures 1 and 2): when the grid has a seed axis, the AUROCs of each
+seed are first averaged over the other axes, and the line is the mean over seeds with
+the band from the lowest to the highest seed; without one, the band spans every member
+with that value. Figures use `matplotlib.figure.Figure` (Agg),
 never pyplot; every file is written atomically.
 """
 
@@ -29,18 +32,19 @@ KINDS = {"sample": sample.SAMPLE_SCORES, "pixel": pixel.PIXEL_MAPS}  # listed fi
 
 def score_names(results: dict, kind: str) -> list[str]:
   """The scores of `kind` any member has: KINDS' own, then the derived ones (complexity,
-  likelihood ratio) in the order members list them."""
+  likelihood ratio) sorted by name (a group read back from its JSON lists its scores
+  sorted, a group scored now in scoring order: neither may decide the order)."""
   names = list(KINDS[kind])
-  for m in _members(results):
-    names += [n for n in m.get(kind, {}) if n not in names]
-  return names
+  return names + sorted({n for m in _members(results) for n in m.get(kind, {})} -
+                        set(names))
 
 
 def rows(results: dict) -> list[dict]:
-  """One dict per member and score (the CSV rows), in group, member, score order."""
+  """One dict per member and score (the CSV rows), in group name, member, kind, score
+  order (module docstring)."""
   out, names = [], {kind: score_names(results, kind) for kind in KINDS}
-  for g in results["groups"]:
-    for m in g["members"]:
+  for g in sorted(results["groups"], key=lambda g: (len(g["name"]), g["name"])):
+    for m in sorted(g["members"], key=lambda m: m["member"]):
       for kind in KINDS:
         for name in names[kind]:
           r = m.get(kind, {}).get(name)
