@@ -29,17 +29,41 @@ et al.) and the background model's likelihood ratio (Ren et al.).
 
 The trainer and the eval binary only ever call these, so a new family is one new module
 here.
+
+Precision: a family's `build` gives its modules `compute_dtype(config)`, the dtype
+config.train.compute_dtype names (jaxad.models.precision). With bfloat16 the networks
+compute in bfloat16, but every parameter, optimiser state, loss and score is float32:
+the modules return float32 outputs, so the likelihoods, KL, DSM and GAN losses, their
+reductions, and every sample score and pixel map are computed in float32.
 """
 
 import importlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 from jaxad.errors import ConfigError
 
 FAMILIES = ("vae", "score", "gan")  # module names in this package
+# train.compute_dtype → the modules' computation dtype (None: as the float32 inputs, so a
+# float32 model's parameters, numbers and compiled programs are those of no dtype at all).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The computation dtype of config.train.compute_dtype: None (float32) or jnp.bfloat16.
+
+  The one place the key is read; every family's `build` (and the grid) passes the result
+  to its model builders.
+  """
+  train = config.get("train", None)
+  name = train.get("compute_dtype", "float32") if train is not None else "float32"
+  if name not in COMPUTE_DTYPES:
+    raise ConfigError(f"train.compute_dtype={name!r} is not a compute dtype; use one of "
+                      f"{list(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[name]
 
 
 def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxad import families
 from jaxad.errors import ConfigError
 from jaxad.models import gan as gan_models
 from jaxad.objectives import gan as gan_objectives
@@ -209,7 +210,8 @@ def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> GA
   m, e = config.model, config.eval
   if m.name not in LOSSES:
     raise ConfigError(f"model.name={m.name!r} is not a GAN; use one of {list(LOSSES)}")
-  generator, discriminator = gan_models.gan_from_config(m, image_shape)
+  generator, discriminator = gan_models.gan_from_config(m, image_shape,
+                                                        families.compute_dtype(config))
   return GAN(generator=generator, discriminator=discriminator, loss=m.name,
              critic_steps=int(m.gan.critic_steps) or (1 if m.name == "dcgan" else 5),
              gp_weight=float(m.gan.gp_weight), latent_steps=int(e.latent_steps),

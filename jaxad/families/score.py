@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxad import families
 from jaxad.errors import ConfigError
 from jaxad.models import unet as unet_models
 from jaxad.objectives import likelihood as likelihood_lib
@@ -147,7 +148,8 @@ def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Sc
         f"complexity-corrected prob_flow score needs both to describe the same image; "
         f"set eval.prob_flow.levels={2 ** bits} (or 0), or eval.complexity=False")
   return ScoreModel(
-      module=unet_models.build_unet(config.model.unet, image_shape),
+      module=unet_models.build_unet(config.model.unet, image_shape,
+                                    families.compute_dtype(config)),
       sde=sde_lib.make_sde(config.model.sde),
       weighting=config.model.sde.weighting,
       map_t=float(s.t), smooth_sigma=float(s.smooth_sigma),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxad import families
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as likelihood_lib
 from jaxad.objectives import vae as vae_objectives
@@ -78,7 +79,8 @@ class VAE:
 
 
 def build(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> VAE:
-  return VAE(module=vae_models.build_model(config.model, image_shape),
+  return VAE(module=vae_models.build_model(config.model, image_shape,
+                                          families.compute_dtype(config)),
              likelihood=likelihood_lib.make_likelihood(config.model),
              num_samples=int(config.eval.num_samples),
              smooth_sigma=float(config.eval.smooth_sigma))

@@ -123,9 +123,10 @@ def _optimizer(train_json: str) -> optax.GradientTransformation:
 
 
 def group_setup(group: Group, shape: tuple[int, ...]):
-  """(model, likelihood kind, optimiser) shared by every member of the group."""
+  """(model, likelihood kind, optimiser) shared by every member of the group; the model
+  computes in the group's train.compute_dtype."""
   config = group.config
-  model = vae_models.build_model(config.model, shape)
+  model = vae_models.build_model(config.model, shape, families.compute_dtype(config))
   for m in group.members:  # checks every member's β and the kind, with the config key
     likelihood_lib.make_likelihood(m.config.model)
   train = json.dumps(config_lib.to_dict(config)["train"], sort_keys=True)

@@ -21,6 +21,10 @@ mode breaks. Usage:
   variables = generator.init(rng, z, train=False)
   images = generator.apply(variables, z, train=False)
   logits, features = discriminator.apply(d_variables, images, train=False)
+
+`dtype` (jaxad.models.precision): with jnp.bfloat16 both networks compute in bfloat16
+while their parameters, norm statistics and outputs (images, logits, features) are
+float32; the generator's tanh runs in float32.
 """
 
 from collections.abc import Sequence
@@ -32,6 +36,7 @@ import ml_collections
 
 from jaxad.errors import ConfigError
 from jaxad.models import layers
+from jaxad.models import precision
 
 MIN_BASE, MAX_BASE = 4, 7  # side of the smallest map: the generator's first, the head's input
 GENERATOR_NORMS = ("batch", "none")
@@ -98,8 +103,10 @@ def _check_norm(norm: str, valid: tuple[str, ...], field: str) -> None:
     raise ConfigError(f"{field}={norm!r} is not a normalisation; use one of {valid}")
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_running_average=not train, name=name)
+def _batch_norm(train: bool, name: str, dtype: precision.Dtype = None) -> nn.BatchNorm:
+  """BatchNorm whose output is `dtype`; its statistics are float32 whatever the dtype."""
+  return nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_running_average=not train,
+                      dtype=dtype, name=name)
 
 
 def _check_input(x: jax.Array, shape: Sequence[int], what: str) -> None:
@@ -115,6 +122,7 @@ class Generator(nn.Module):
   latent_dim: int
   widths: tuple[int, ...]
   norm: str = "batch"
+  dtype: precision.Dtype = None  # computation dtype; None: as the inputs (float32)
 
   def __post_init__(self):
     if int(self.latent_dim) < 1:
@@ -138,12 +146,12 @@ class Generator(nn.Module):
       x = layers.ConvTranspose(
           width, base if first else (4,) * ndim, strides=(1 if first else 2,) * ndim,
           padding="VALID" if first else "SAME", use_bias=last or not use_bn,
-          name=f"deconv_{i}")(x)
+          dtype=self.dtype, name=f"deconv_{i}")(x)
       if not last:
         if use_bn:
-          x = _batch_norm(train, f"bn_{i}")(x)
+          x = _batch_norm(train, f"bn_{i}", self.dtype)(x)
         x = nn.relu(x)
-    return nn.tanh(x)
+    return nn.tanh(precision.at_least_f32(x))
 
 
 class Discriminator(nn.Module):
@@ -157,6 +165,7 @@ class Discriminator(nn.Module):
   image_shape: tuple[int, ...]
   widths: tuple[int, ...]
   norm: str = "batch"
+  dtype: precision.Dtype = None  # computation dtype; None: as the inputs (float32)
 
   def __post_init__(self):
     check_gan_shape(self.image_shape, self.widths)
@@ -172,26 +181,27 @@ class Discriminator(nn.Module):
     for i, width in enumerate(self.widths):
       normed = i > 0 and self.norm != "none"
       x = nn.Conv(int(width), (4,) * ndim, strides=(2,) * ndim, padding=((1, 1),) * ndim,
-                  use_bias=not normed, name=f"conv_{i}")(x)
+                  use_bias=not normed, dtype=self.dtype, name=f"conv_{i}")(x)
       if normed and self.norm == "batch":
-        x = _batch_norm(train, f"bn_{i}")(x)
+        x = _batch_norm(train, f"bn_{i}", self.dtype)(x)
       elif normed:
         x = nn.LayerNorm(epsilon=1e-5, reduction_axes=tuple(range(1, ndim + 2)),
-                         feature_axes=-1, name=f"ln_{i}")(x)
+                         feature_axes=-1, dtype=self.dtype, name=f"ln_{i}")(x)
       x = act(x)
-    features = x.reshape(x.shape[0], -1)
-    logit = layers.Conv(1, base, padding="VALID", name="head")(x)  # a matmul
-    return logit.reshape(x.shape[0]), features
+    features = precision.at_least_f32(x.reshape(x.shape[0], -1))
+    logit = layers.Conv(1, base, padding="VALID", dtype=self.dtype, name="head")(x)  # a matmul
+    return precision.at_least_f32(logit.reshape(x.shape[0])), features
 
 
-def gan_from_config(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]
-                    ) -> tuple[Generator, Discriminator]:
+def gan_from_config(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int],
+                    dtype: precision.Dtype = None) -> tuple[Generator, Discriminator]:
   """(Generator, Discriminator) of config.model for images of `image_shape` (no batch).
 
   Reads model.name (dcgan | wgan_gp), model.latent_dim, model.widths (() →
   model.base_width·2^i capped at model.gan.max_width, one per block) and
   model.gan.{generator_norm, discriminator_norm}; discriminator_norm '' is BatchNorm for
   dcgan and layer norm for the WGAN-GP critic, whose penalty BatchNorm would break.
+  Both compute in `dtype` (None: as the inputs, float32).
   """
   image_shape = tuple(int(s) for s in image_shape)
   g = model_cfg.gan
@@ -205,5 +215,5 @@ def gan_from_config(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[
     raise ConfigError(f"model.latent_dim must be a positive integer; got {latent_dim!r}")
   widths = tuple(int(w) for w in model_cfg.widths) or default_widths(
       image_shape[0], int(model_cfg.base_width), int(g.max_width))
-  return (Generator(image_shape, latent_dim, widths, norm=g.generator_norm),
-          Discriminator(image_shape, widths, norm=d_norm))
+  return (Generator(image_shape, latent_dim, widths, norm=g.generator_norm, dtype=dtype),
+          Discriminator(image_shape, widths, norm=d_norm, dtype=dtype))

@@ -11,6 +11,10 @@ not here. With the default fields, `score_unet_64()` matches the PyTorch ScoreUN
   model = build_unet(config.model.unet, image_shape=(64, 64, 3))
   variables = model.init(rng, x, t_label, train=False)
   eps_hat = model.apply(variables, x_t, 999.0 * t, train=True, rngs={"dropout": key})
+
+`dtype` (jaxad.models.precision): with jnp.bfloat16 the convolutions, dense layers,
+attention and activations run in bfloat16; the parameters, the time embedding's
+frequencies, the GroupNorm statistics, the attention softmax and the output ε̂ are float32.
 """
 
 from collections.abc import Sequence
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxad.errors import ConfigError
+from jaxad.models import precision
 
 EMBEDDINGS = ("sinusoidal", "fourier")
 GN_EPSILON = 1e-6
@@ -52,15 +57,19 @@ class GaussianFourierEmbedding(nn.Module):
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
-def _group_norm(groups: int, channels: int, name: str) -> nn.GroupNorm:
-  """GroupNorm with min(groups, channels) groups (UNet.__post_init__ checks they divide)."""
-  return nn.GroupNorm(num_groups=min(groups, channels), epsilon=GN_EPSILON, name=name)
+def _group_norm(groups: int, channels: int, name: str,
+                dtype: precision.Dtype = None) -> nn.GroupNorm:
+  """GroupNorm with min(groups, channels) groups (UNet.__post_init__ checks they divide);
+  its output is `dtype`, its statistics float32 whatever the dtype."""
+  return nn.GroupNorm(num_groups=min(groups, channels), epsilon=GN_EPSILON, dtype=dtype,
+                      name=name)
 
 
-def _conv3x3(features: int, name: str, stride: int = 1) -> nn.Conv:
+def _conv3x3(features: int, name: str, stride: int = 1,
+             dtype: precision.Dtype = None) -> nn.Conv:
   # Explicit symmetric padding: 'SAME' with stride 2 would pad (0, 1) and shift the grid.
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                 name=name)
+                 dtype=dtype, name=name)
 
 
 class ResBlock(nn.Module):
@@ -69,32 +78,40 @@ class ResBlock(nn.Module):
   out_channels: int
   groups: int = 32
   dropout: float = 0.0
+  dtype: precision.Dtype = None
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
-    h = _conv3x3(self.out_channels, "conv_0")(
-        nn.silu(_group_norm(self.groups, x.shape[-1], "norm_0")(x)))
-    h = h + nn.Dense(self.out_channels, name="temb_proj")(nn.silu(temb))[:, None, None, :]
-    h = nn.silu(_group_norm(self.groups, self.out_channels, "norm_1")(h))
+    dtype = self.dtype
+    h = _conv3x3(self.out_channels, "conv_0", dtype=dtype)(
+        nn.silu(_group_norm(self.groups, x.shape[-1], "norm_0", dtype)(x)))
+    h = h + nn.Dense(self.out_channels, dtype=dtype, name="temb_proj")(
+        nn.silu(temb))[:, None, None, :]
+    h = nn.silu(_group_norm(self.groups, self.out_channels, "norm_1", dtype)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = _conv3x3(self.out_channels, "conv_1")(h)
+    h = _conv3x3(self.out_channels, "conv_1", dtype=dtype)(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), name="skip")(x)
+      x = nn.Conv(self.out_channels, (1, 1), dtype=dtype, name="skip")(x)
     return x + h
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over the H·W positions, with a residual add."""
+  """Single-head self-attention over the H·W positions, with a residual add.
+
+  The softmax runs in float32 (at least) whatever the computation dtype.
+  """
 
   groups: int = 32
+  dtype: precision.Dtype = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hh, ww, c = x.shape
-    h = _group_norm(self.groups, c, "norm")(x).reshape(b, hh * ww, c)
-    q, k, v = (nn.Dense(c, name=n)(h) for n in ("q", "k", "v"))
-    w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) * c**-0.5, axis=-1)
-    h = nn.Dense(c, name="proj")(jnp.einsum("bqk,bkc->bqc", w, v))
+    h = _group_norm(self.groups, c, "norm", self.dtype)(x).reshape(b, hh * ww, c)
+    q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h) for n in ("q", "k", "v"))
+    logits = precision.at_least_f32(jnp.einsum("bqc,bkc->bqk", q, k))
+    w = jax.nn.softmax(logits * c**-0.5, axis=-1).astype(v.dtype)
+    h = nn.Dense(c, dtype=self.dtype, name="proj")(jnp.einsum("bqk,bkc->bqc", w, v))
     return x + h.reshape(b, hh, ww, c)
 
 
@@ -128,6 +145,7 @@ class UNet(nn.Module):
   Level i runs at resolution H/2^i with base_width·channel_mult[i] channels; attention
   follows every res block of a level whose resolution is in attention_resolutions
   (and the middle). Dropout needs rngs={"dropout": key} when train and dropout > 0.
+  With dtype=jnp.bfloat16 the network computes in bfloat16 and returns float32 ε̂.
   """
 
   out_channels: int
@@ -139,6 +157,7 @@ class UNet(nn.Module):
   groups: int = 32
   embedding: str = "sinusoidal"
   fourier_scale: float = 16.0
+  dtype: precision.Dtype = None  # computation dtype; None: as the inputs (float32)
 
   def __post_init__(self):
     _check_fields(self)
@@ -158,17 +177,18 @@ class UNet(nn.Module):
                                       name="temb_fourier")(t_label)
     else:
       temb = sinusoidal_embedding(t_label, self.base_width)
-    temb = nn.Dense(temb_dim, name="temb_dense_0")(temb)
-    temb = nn.Dense(temb_dim, name="temb_dense_1")(nn.silu(temb))
+    dtype = self.dtype
+    temb = nn.Dense(temb_dim, dtype=dtype, name="temb_dense_0")(temb)
+    temb = nn.Dense(temb_dim, dtype=dtype, name="temb_dense_1")(nn.silu(temb))
 
     def res(h, width, name):
-      return ResBlock(width, self.groups, self.dropout, name=name)(h, temb, train)
+      return ResBlock(width, self.groups, self.dropout, dtype, name=name)(h, temb, train)
 
     def attn(h, name):
-      return AttnBlock(self.groups, name=name)(h)
+      return AttnBlock(self.groups, dtype, name=name)(h)
 
     side = x.shape[1]
-    hs = [_conv3x3(self.base_width, "conv_in")(x)]
+    hs = [_conv3x3(self.base_width, "conv_in", dtype=dtype)(x)]
     for i, mult in enumerate(self.channel_mult):
       for j in range(self.num_res_blocks):
         h = res(hs[-1], self.base_width * mult, f"down_{i}_res_{j}")
@@ -176,7 +196,7 @@ class UNet(nn.Module):
           h = attn(h, f"down_{i}_attn_{j}")
         hs.append(h)
       if i != levels - 1:
-        hs.append(_conv3x3(h.shape[-1], f"down_{i}_downsample", stride=2)(h))
+        hs.append(_conv3x3(h.shape[-1], f"down_{i}_downsample", stride=2, dtype=dtype)(h))
 
     h = res(hs[-1], hs[-1].shape[-1], "mid_res_0")
     h = attn(h, "mid_attn")
@@ -189,10 +209,10 @@ class UNet(nn.Module):
         if (side >> i) in self.attention_resolutions:
           h = attn(h, f"up_{i}_attn_{j}")
       if i != 0:
-        h = _conv3x3(h.shape[-1], f"up_{i}_upsample")(_upsample_nearest(h))
+        h = _conv3x3(h.shape[-1], f"up_{i}_upsample", dtype=dtype)(_upsample_nearest(h))
 
-    h = nn.silu(_group_norm(self.groups, h.shape[-1], "norm_out")(h))
-    return _conv3x3(self.out_channels, "conv_out")(h)
+    h = nn.silu(_group_norm(self.groups, h.shape[-1], "norm_out", dtype)(h))
+    return precision.at_least_f32(_conv3x3(self.out_channels, "conv_out", dtype=dtype)(h))
 
 
 def _check_fields(unet) -> None:
@@ -227,8 +247,10 @@ def _check_fields(unet) -> None:
         f"model.unet.base_width, or model.unet.base_width to a multiple of it")
 
 
-def build_unet(unet_config: ml_collections.ConfigDict, image_shape: Sequence[int]) -> UNet:
-  """The U-Net model.unet describes, for 2D images of `image_shape` (H, W, C)."""
+def build_unet(unet_config: ml_collections.ConfigDict, image_shape: Sequence[int],
+               dtype: precision.Dtype = None) -> UNet:
+  """The U-Net model.unet describes, for 2D images of `image_shape` (H, W, C), computing
+  in `dtype` (None: as the inputs, float32)."""
   if len(image_shape) != 3:
     raise ConfigError(
         f"the score model is 2D and needs images (H, W, C); got shape {tuple(image_shape)}: "
@@ -254,7 +276,8 @@ def build_unet(unet_config: ml_collections.ConfigDict, image_shape: Sequence[int
       out_channels=channels, base_width=int(unet_config.base_width), channel_mult=mult,
       num_res_blocks=int(unet_config.num_res_blocks), attention_resolutions=attention,
       dropout=float(unet_config.dropout), groups=int(unet_config.groups),
-      embedding=str(unet_config.embedding), fourier_scale=float(unet_config.fourier_scale))
+      embedding=str(unet_config.embedding), fourier_scale=float(unet_config.fourier_scale),
+      dtype=dtype)
 
 
 def score_unet_64(out_channels: int = 3) -> UNet:

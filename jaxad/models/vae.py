@@ -6,6 +6,10 @@ it is scored belongs to `jaxad.objectives`. Parameters are explicit pytrees:
 
   variables = model.init(rng, x, train=False)
   mu, logvar = model.apply(variables, x, train=False, method=model.encode)
+
+`dtype` (jaxad.models.precision) sets the computation dtype: with jnp.bfloat16 the
+convolutions, matmuls and activations run in bfloat16 while the parameters, the
+BatchNorm statistics, the (mu, logvar) heads and the decoder output stay float32.
 """
 
 from collections.abc import Callable, Sequence
@@ -18,6 +22,7 @@ import ml_collections
 
 from jaxad.errors import ConfigError
 from jaxad.models import layers
+from jaxad.models import precision
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.2),
@@ -99,17 +104,23 @@ def default_widths(image_size: int, base: int = 32, max_width: int = 512) -> tup
   return tuple(min(base * 2**i, max_width) for i in range(num_blocks(image_size)))
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_running_average=not train, name=name)
+def _batch_norm(train: bool, name: str, dtype: precision.Dtype = None) -> nn.BatchNorm:
+  """BatchNorm whose output is `dtype`; its statistics are float32 whatever the dtype."""
+  return nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_running_average=not train,
+                      dtype=dtype, name=name)
 
 
 class ConvEncoder(nn.Module):
-  """Stride-2 conv blocks down to a 4^ndim map, then two conv heads (mu, logvar)."""
+  """Stride-2 conv blocks down to a 4^ndim map, then two conv heads (mu, logvar).
+
+  The heads compute in float32 (their outputs go through exp() and the KL).
+  """
 
   widths: tuple[int, ...]
   latent_dim: int
   norm: str = "batch"
   activation: str = "leaky_relu"
+  dtype: precision.Dtype = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -118,26 +129,32 @@ class ConvEncoder(nn.Module):
     use_bn = self.norm == "batch"
     for i, width in enumerate(self.widths):
       x = nn.Conv(width, (4,) * ndim, strides=(2,) * ndim, padding=((1, 1),) * ndim,
-                  use_bias=not use_bn, name=f"conv_{i}")(x)
+                  use_bias=not use_bn, dtype=self.dtype, name=f"conv_{i}")(x)
       if use_bn:
-        x = _batch_norm(train, f"bn_{i}")(x)
+        x = _batch_norm(train, f"bn_{i}", self.dtype)(x)
       x = act(x)
     # layers.Conv: nn.Conv's function and parameters; a 4^n kernel on the 4^n map is a
     # matmul.
-    mu = layers.Conv(self.latent_dim, (4,) * ndim, padding="VALID", name="mu")(x)
-    logvar = layers.Conv(self.latent_dim, (4,) * ndim, padding="VALID", name="logvar")(x)
+    head = precision.f32_dtype(self.dtype)
+    mu = layers.Conv(self.latent_dim, (4,) * ndim, padding="VALID", dtype=head, name="mu")(x)
+    logvar = layers.Conv(self.latent_dim, (4,) * ndim, padding="VALID", dtype=head,
+                         name="logvar")(x)
     batch = x.shape[0]
     return mu.reshape(batch, self.latent_dim), logvar.reshape(batch, self.latent_dim)
 
 
 class ConvDecoder(nn.Module):
-  """Mirror of the encoder: 1→4 transposed conv, stride-2 upsampling, linear output."""
+  """Mirror of the encoder: 1→4 transposed conv, stride-2 upsampling, linear output.
+
+  The output is float32 (at least) whatever the computation dtype.
+  """
 
   widths: tuple[int, ...]
   out_channels: int
   spatial_ndim: int
   norm: str = "batch"
   activation: str = "relu"
+  dtype: precision.Dtype = None
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
@@ -153,12 +170,12 @@ class ConvDecoder(nn.Module):
       x = layers.ConvTranspose(
           width, (4,) * ndim, strides=(1 if first else 2,) * ndim,
           padding="VALID" if first else "SAME", use_bias=last or not use_bn,
-          name=f"deconv_{i}")(x)
+          dtype=self.dtype, name=f"deconv_{i}")(x)
       if not last:
         if use_bn:
-          x = _batch_norm(train, f"bn_{i}")(x)
+          x = _batch_norm(train, f"bn_{i}", self.dtype)(x)
         x = act(x)
-    return x
+    return precision.at_least_f32(x)
 
 
 class ConvVAE(nn.Module):
@@ -174,6 +191,7 @@ class ConvVAE(nn.Module):
   norm: str = "batch"
   encoder_activation: str = "leaky_relu"
   decoder_activation: str = "relu"
+  dtype: precision.Dtype = None  # computation dtype; None: as the inputs (float32)
 
   def __post_init__(self):
     check_conv_shape(self.image_shape, self.widths)
@@ -184,9 +202,10 @@ class ConvVAE(nn.Module):
 
   def setup(self):
     widths = tuple(int(w) for w in self.widths)
-    self.encoder = ConvEncoder(widths, self.latent_dim, self.norm, self.encoder_activation)
+    self.encoder = ConvEncoder(widths, self.latent_dim, self.norm, self.encoder_activation,
+                               self.dtype)
     self.decoder = ConvDecoder(widths, self.image_shape[-1], len(self.image_shape) - 1,
-                               self.norm, self.decoder_activation)
+                               self.norm, self.decoder_activation, self.dtype)
 
   def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Parameters (mu, logvar) of q(z|x), each (B, latent_dim)."""
@@ -209,6 +228,7 @@ class MLPVAE(nn.Module):
   latent_dim: int = 20
   hidden: tuple[int, ...] = (400, 400, 400)
   activation: str = "relu"
+  dtype: precision.Dtype = None  # computation dtype; None: as the inputs (float32)
 
   def __post_init__(self):
     get_activation(self.activation, "model.activation")
@@ -218,8 +238,8 @@ class MLPVAE(nn.Module):
 
   def setup(self):
     hidden = tuple(int(h) for h in self.hidden)
-    self.encoder = MLPEncoder(hidden, self.latent_dim, self.activation)
-    self.decoder = MLPDecoder(hidden, tuple(self.image_shape), self.activation)
+    self.encoder = MLPEncoder(hidden, self.latent_dim, self.activation, self.dtype)
+    self.decoder = MLPDecoder(hidden, tuple(self.image_shape), self.activation, self.dtype)
 
   def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Parameters (mu, logvar) of q(z|x), each (B, latent_dim); `train` is unused."""
@@ -238,36 +258,44 @@ class MLPVAE(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-  """Flatten → Dense+activation per hidden layer → two Dense heads (mu, logvar)."""
+  """Flatten → Dense+activation per hidden layer → two Dense heads (mu, logvar).
+
+  The heads compute in float32 (their outputs go through exp() and the KL).
+  """
 
   hidden: tuple[int, ...]
   latent_dim: int
   activation: str = "relu"
+  dtype: precision.Dtype = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     act = get_activation(self.activation, "model.activation")
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
-      x = act(nn.Dense(width, name=f"dense_{i}")(x))
-    return nn.Dense(self.latent_dim, name="mu")(x), nn.Dense(self.latent_dim, name="logvar")(x)
+      x = act(nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x))
+    head = precision.f32_dtype(self.dtype)
+    return (nn.Dense(self.latent_dim, dtype=head, name="mu")(x),
+            nn.Dense(self.latent_dim, dtype=head, name="logvar")(x))
 
 
 class MLPDecoder(nn.Module):
-  """Dense+activation per hidden layer → Dense to every pixel, reshaped; linear output."""
+  """Dense+activation per hidden layer → Dense to every pixel, reshaped; linear output
+  (float32 at least, whatever the computation dtype)."""
 
   hidden: tuple[int, ...]
   image_shape: tuple[int, ...]
   activation: str = "relu"
+  dtype: precision.Dtype = None
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
     act = get_activation(self.activation, "model.activation")
     x = z
     for i, width in enumerate(self.hidden):
-      x = act(nn.Dense(width, name=f"dense_{i}")(x))
-    x = nn.Dense(math.prod(self.image_shape), name="out")(x)
-    return x.reshape(z.shape[0], *self.image_shape)
+      x = act(nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x))
+    x = nn.Dense(math.prod(self.image_shape), dtype=self.dtype, name="out")(x)
+    return precision.at_least_f32(x.reshape(z.shape[0], *self.image_shape))
 
 
 def _encode_for_init(model, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -284,8 +312,8 @@ def _check_input(x: jax.Array, image_shape: Sequence[int]) -> None:
         f"got a batch of shape {tuple(x.shape)}")
 
 
-def conv_vae_from_config(model_cfg: ml_collections.ConfigDict,
-                         image_shape: tuple[int, ...]) -> ConvVAE:
+def conv_vae_from_config(model_cfg: ml_collections.ConfigDict, image_shape: tuple[int, ...],
+                         dtype: precision.Dtype = None) -> ConvVAE:
   """A ConvVAE; model.widths=() picks the DCGAN default for the image side."""
   widths = tuple(model_cfg.get("widths", ()))
   if not widths:
@@ -294,33 +322,39 @@ def conv_vae_from_config(model_cfg: ml_collections.ConfigDict,
       image_shape=tuple(image_shape), latent_dim=int(model_cfg.latent_dim), widths=widths,
       norm=model_cfg.get("norm", "batch"),
       encoder_activation=model_cfg.get("encoder_activation", "leaky_relu"),
-      decoder_activation=model_cfg.get("decoder_activation", "relu"))
+      decoder_activation=model_cfg.get("decoder_activation", "relu"), dtype=dtype)
 
 
-def mlp_vae_from_config(model_cfg: ml_collections.ConfigDict,
-                        image_shape: tuple[int, ...]) -> MLPVAE:
+def mlp_vae_from_config(model_cfg: ml_collections.ConfigDict, image_shape: tuple[int, ...],
+                        dtype: precision.Dtype = None) -> MLPVAE:
   """An MLPVAE; activation: model.activation if set, else model.encoder_activation."""
   return MLPVAE(
       image_shape=tuple(image_shape), latent_dim=int(model_cfg.latent_dim),
       hidden=tuple(model_cfg.get("hidden", (400, 400, 400))),
-      activation=model_cfg.get("activation", model_cfg.get("encoder_activation", "relu")))
+      activation=model_cfg.get("activation", model_cfg.get("encoder_activation", "relu")),
+      dtype=dtype)
 
 
-MODELS: dict[str, Callable[[ml_collections.ConfigDict, tuple[int, ...]], nn.Module]] = {
+MODELS: dict[str, Callable[..., nn.Module]] = {  # (model config, image shape, dtype)
     "conv_vae": conv_vae_from_config,
     "mlp_vae": mlp_vae_from_config,
 }
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int]) -> nn.Module:
-  """The model `model_cfg.name` names, for images of `image_shape` (no batch axis)."""
+def build_model(model_cfg: ml_collections.ConfigDict, image_shape: Sequence[int],
+                dtype: precision.Dtype = None) -> nn.Module:
+  """The model `model_cfg.name` names, for images of `image_shape` (no batch axis).
+
+  dtype: the computation dtype (`jaxad.families.compute_dtype` of the config); None
+  computes as the inputs (float32).
+  """
   name = model_cfg.get("name", None)
   if name not in MODELS:
     raise ConfigError(f"model.name={name!r} is not a model; use one of {sorted(MODELS)}")
   if int(model_cfg.get("latent_dim", 0)) <= 0:
     raise ConfigError(
         f"model.latent_dim must be a positive integer; got {model_cfg.get('latent_dim')}")
-  return MODELS[name](model_cfg, tuple(int(s) for s in image_shape))
+  return MODELS[name](model_cfg, tuple(int(s) for s in image_shape), dtype)
 
 
 def conv_vae_128(image_channels: int = 3, latent_dim: int = 300) -> ConvVAE:
