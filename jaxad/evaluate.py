@@ -1,16 +1,17 @@
 """Evaluates a trained workdir: `python -m jaxad.evaluate --workdir=DIR [--split=test]`.
 
 Loads DIR/config.json and the latest checkpoint, computes every sample-wise score and,
-when masks or synthetic lesions exist, every pixel map; writes DIR/eval/<split>/scores.csv
-and .npz, DIR/eval/metrics.json and DIR/eval/report.html, and prints the headline table.
-Eval settings, data paths, splits and lesions can be overridden
+when masks or synthetic lesions exist, every pixel map; writes DIR/eval/<split>/
+(scores.csv and .npz, report.html, figures/) and the split's entry of
+DIR/eval/metrics.json, and prints the headline table. Nothing is written unless every
+score is finite. Eval settings, data paths, splits and lesions can be overridden
 (`--config.eval.num_samples=100`, `--config.data.synthetic_lesions.enabled=True`); an
-override of what the model was trained with (model, preprocessing, classes) is refused. `--input=PATH` scores an unlabelled
-image folder or .npz instead (batch scoring, flat memory). Multi-process: run the same
-command in every process (with `--coordinator_address`, `--num_processes`,
+override of what the model was trained with (model, preprocessing, classes) is refused.
+`--input=PATH` scores an unlabelled image folder or .npz instead (batch scoring, flat
+memory) into a new folder DIR/eval/input/<name>[-N] per run. Multi-process: run the
+same command in every process (with `--coordinator_address`, `--num_processes`,
 `--process_id` where the cluster does not provide them); each scores its shard of every
-batch and process 0 writes the files.
-"""
+batch and process 0 writes the files."""
 
 import os
 import sys
@@ -22,7 +23,8 @@ from jaxad import cli, parallel
 
 flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints/).")
 flags.DEFINE_string("split", "test", "Which split to evaluate: train, val or test.")
-flags.DEFINE_string("input", None, "Score the unlabelled images in this folder or .npz instead.")
+flags.DEFINE_string("input", None, "Score the unlabelled images in this folder or .npz "
+                    "instead (results in a new DIR/eval/input/<name>[-N] each run).")
 parallel.define_flags()
 FLAGS = flags.FLAGS
 
@@ -68,7 +70,7 @@ def main(argv):
   if not parallel.is_main_process():
     return
   print(evaluation.headline_table(result))
-  print(f"results in {os.path.join(FLAGS.workdir, 'eval')}")
+  print(f"results in {os.path.join(FLAGS.workdir, result['folder'])}")
 
 
 if __name__ == "__main__":
