@@ -52,33 +52,8 @@ def _positive(value, key):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for any value that cannot work, naming the key and the fix."""
-  d, m, t = config.data, config.model, config.train
-  _choice(d.source, SOURCES, "data.source")
-  if d.source == "tfds" and not d.name:
-    raise ConfigError("data.source='tfds' needs data.name (e.g. --config.data.name=mnist)")
-  if d.source in ("folder", "nifti", "csv", "npz") and not d.path:
-    what = {"folder": "image folder root", "nifti": "NIfTI folder root", "csv": "CSV file",
-            "npz": ".npz file"}[d.source]
-    raise ConfigError(f"data.source={d.source!r} needs data.path (the {what})")
-  if bool(tuple(d.normal_classes)) == bool(tuple(d.anomalous_classes)):
-    raise ConfigError("set exactly one of data.normal_classes and data.anomalous_classes "
-                      f"(got {tuple(d.normal_classes)!r} and {tuple(d.anomalous_classes)!r})")
-  _choice(d.channels, (1, 3), "data.channels")
-  _choice(d.intensity, ("fixed", "minmax"), "data.intensity")
-  if tuple(d.intensity_range):
-    if len(d.intensity_range) != 2 or not d.intensity_range[1] > d.intensity_range[0]:
-      raise ConfigError(f"data.intensity_range={tuple(d.intensity_range)!r} must be "
-                        "(lo, hi) with lo < hi, or () for the dtype's range")
-  _positive(d.image_size, "data.image_size")
-  _choice(str(d.on_device).lower(), ("auto", "true", "false"), "data.on_device")
-  if not 0.0 < d.on_device_fraction <= 1.0:
-    raise ConfigError(f"data.on_device_fraction={d.on_device_fraction} must be in (0, 1]")
-  if isinstance(d.bit_depth, bool) or not isinstance(d.bit_depth, int) or \
-      not 1 <= d.bit_depth <= 16:
-    raise ConfigError(f"data.bit_depth={d.bit_depth!r} must be an int in 1..16 (8 for "
-                      "PNG/JPEG/uint8 images, 16 for 16-bit, 12 for 12-bit CT)")
-  if not 0.0 <= d.val_fraction < 1.0:
-    raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+  m, t = config.model, config.train
+  _validate_data(config.data)
   _choice(m.family, tuple(MODEL_NAMES), "model.family")
   _choice(m.name, MODEL_NAMES[m.family], "model.name")
   if m.family == "vae":
@@ -111,6 +86,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= t.ema_rate < 1.0:
     raise ConfigError(f"train.ema_rate={t.ema_rate} must be in [0, 1) (0 turns it off; "
                       "0.999 or 0.9999 are usual)")
+
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+  _choice(d.source, SOURCES, "data.source")
+  if d.source == "tfds" and not d.name:
+    raise ConfigError("data.source='tfds' needs data.name (e.g. --config.data.name=mnist)")
+  if d.source in ("folder", "nifti", "csv", "npz") and not d.path:
+    what = {"folder": "image folder root", "nifti": "NIfTI folder root", "csv": "CSV file",
+            "npz": ".npz file"}[d.source]
+    raise ConfigError(f"data.source={d.source!r} needs data.path (the {what})")
+  if bool(tuple(d.normal_classes)) == bool(tuple(d.anomalous_classes)):
+    raise ConfigError("set exactly one of data.normal_classes and data.anomalous_classes "
+                      f"(got {tuple(d.normal_classes)!r} and {tuple(d.anomalous_classes)!r})")
+  _choice(d.channels, (1, 3), "data.channels")
+  _choice(d.intensity, ("fixed", "minmax"), "data.intensity")
+  if tuple(d.intensity_range):
+    if len(d.intensity_range) != 2 or not d.intensity_range[1] > d.intensity_range[0]:
+      raise ConfigError(f"data.intensity_range={tuple(d.intensity_range)!r} must be "
+                        "(lo, hi) with lo < hi, or () for the dtype's range")
+  _positive(d.image_size, "data.image_size")
+  _choice(str(d.on_device).lower(), ("auto", "true", "false"), "data.on_device")
+  if not 0.0 < d.on_device_fraction <= 1.0:
+    raise ConfigError(f"data.on_device_fraction={d.on_device_fraction} must be in (0, 1]")
+  if isinstance(d.bit_depth, bool) or not isinstance(d.bit_depth, int) or \
+      not 1 <= d.bit_depth <= 16:
+    raise ConfigError(f"data.bit_depth={d.bit_depth!r} must be an int in 1..16 (8 for "
+                      "PNG/JPEG/uint8 images, 16 for 16-bit, 12 for 12-bit CT)")
+  if not 0.0 <= d.val_fraction < 1.0:
+    raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
 
 
 def _validate_background(config: ml_collections.ConfigDict) -> None:
