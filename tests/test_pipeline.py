@@ -330,3 +330,28 @@ def test_unlabeled_folder_input_with_a_nan_pixel_is_named(make_config, tmp_path)
   source = sources.unlabeled_source(str(tmp_path))
   with pytest.raises(DataError, match=r"example train/NORMAL/b.tif of input:.* has 1 NaN"):
     pipeline.check_files(source, make_config().data)
+
+
+@pytest.mark.parametrize("shape, size, masks", [((12, 28, 28), 28, True),
+                                                ((12, 28, 28), 16, True),
+                                                ((12, 8, 8, 8), 4, False)])
+def test_batched_reads_equal_per_example_reads(make_config, tmp_path, shape, size, masks):
+  """In-memory sources are read a batch at a time: the same pixels, masks, labels and
+  padding as one example at a time (same size: no resize at all; 2D; volumes)."""
+  rng = np.random.default_rng(0)
+  arrays = {"test_images": rng.integers(0, 256, shape, dtype=np.uint8),
+            "test_labels": (np.arange(shape[0]) % 2)[:, None]}
+  if masks:
+    arrays["test_masks"] = rng.random(shape) > 0.7
+  np.savez(tmp_path / "a.npz", **arrays)
+  config = _npz_config(make_config, tmp_path / "a.npz", **{"data.image_size": size,
+                                                           "data.depth": 0})
+  split = pipeline.load_split(config.data, "test")
+  indices, valid = pipeline.padded_indices(np.arange(len(split.source)), 8)
+  one, batched = (list(pipeline._numpy_batches(pipeline._dataset(
+      split, config.data, indices, 8, valid=valid, per_example=p))) for p in (True, False))
+  assert len(one) == len(batched) == 2
+  for a, b in zip(one, batched):
+    assert a.keys() == b.keys() and a["image"].shape[1] == size
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])

@@ -269,6 +269,17 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
                   "set data.channels to 1 or 3")
 
 
+def _unless_same_size(resize):
+  """`resize`, skipped when the spatial axes already have the target size (a resize to
+  the same size is an exact identity for both methods, and costs more than the read)."""
+  def maybe(x: tf.Tensor, shape: tuple[int, ...], method: str, batch: int = 0):
+    spatial = tf.shape(x)[batch:batch + len(shape) - 1]
+    same = tf.reduce_all(tf.equal(spatial, tf.constant(shape[:-1], tf.int32)))
+    return tf.cond(same, lambda: x, lambda: resize(x, shape, method))
+  return maybe
+
+
+@_unless_same_size
 def _resize(x: tf.Tensor, shape: tuple[int, ...], method: str) -> tf.Tensor:
   """Resizes the spatial axes of one (H, W, C) or (D, H, W, C) tensor to `shape`."""
   if len(shape) == 3:
@@ -279,6 +290,14 @@ def _resize(x: tf.Tensor, shape: tuple[int, ...], method: str) -> tf.Tensor:
   x = tf.transpose(tf.image.resize(tf.transpose(x, (2, 0, 1, 3)), (d, h), method=method),
                    (1, 2, 0, 3))
   return x
+
+
+def _resize_batch(x: tf.Tensor, shape: tuple[int, ...], method: str) -> tf.Tensor:
+  """`_resize` of every example of a batch (images in one call, volumes one by one)."""
+  if len(shape) == 3:
+    return _unless_same_size(lambda x, shape, method: tf.image.resize(
+        x, shape[:2], method=method, antialias=method != "nearest"))(x, shape, method, 1)
+  return tf.map_fn(lambda v: _resize(v, shape, method), x)
 
 
 class _Preprocess:
@@ -298,6 +317,31 @@ class _Preprocess:
     if mask is None:
       mask = np.zeros(image.shape[:-1] + (1,), np.float32)
     return image, mask.astype(np.float32)
+
+  def _read_batch(self, indices):
+    images, masks = zip(*(self._read(i) for i in indices))
+    return np.stack(images), np.stack(masks)
+
+  def batched(self, indices):
+    """The examples of a batch of indices at once, for sources whose images share one
+    shape (in-memory arrays): one host call and one resize per batch instead of one per
+    example, with the same pixels as `__call__` (the same reads and resize kernels)."""
+    spatial = [None] * (self.split.source.spatial_ndim + 1)
+    images, masks = tf.numpy_function(self._read_batch, [indices], (tf.float32, tf.float32),
+                                      stateful=False)
+    images = _resize_batch(tf.ensure_shape(images, spatial + [self.shape[-1]]), self.shape,
+                           "bilinear")
+    example = {
+        "image": tf.ensure_shape(images * 2.0 - 1.0, [None, *self.shape]),
+        "label": tf.gather(self.labels, indices),
+        "anomalous": tf.gather(self.anomalous, indices),
+        "index": tf.cast(indices, tf.int32),
+    }
+    if self.split.source.has_masks:
+      masks = _resize_batch(tf.ensure_shape(masks, spatial + [1]), self.shape[:-1] + (1,),
+                            "nearest")
+      example["mask"] = tf.cast(masks > 0.5, tf.float32)
+    return example
 
   def __call__(self, index):
     spatial = [None] * self.split.source.spatial_ndim
@@ -332,22 +376,31 @@ def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict]:
     yield batch
 
 
-def _dataset(split, data, indices: np.ndarray, batch: int, valid=None) -> tf.data.Dataset:
+def _dataset(split, data, indices: np.ndarray, batch: int, valid=None,
+             per_example: bool | None = None) -> tf.data.Dataset:
+  """Batches of the examples `indices` (with `valid`: padded eval batches).
+
+  In-memory sources are read a batch at a time (`_Preprocess.batched`); file sources,
+  whose images may differ in size, one example at a time (`per_example`).
+  """
+  if per_example is None:
+    per_example = split.source.from_files
   ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
   if valid is not None:
     ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(valid))
-    preprocess = _Preprocess(split, data)
-    fn = lambda i, v: {**preprocess(i), "valid": v}
-  else:
-    fn = _Preprocess(split, data)
+  preprocess = _Preprocess(split, data)
+  one = preprocess if per_example else preprocess.batched
+  fn = one if valid is None else (lambda i, v: {**one(i), "valid": v})
   fn = tf.autograph.experimental.do_not_convert(fn)  # plain TF ops; reads run in NumPy
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = 0
-  return (ds.with_options(options)
-          .map(fn, num_parallel_calls=AUTOTUNE, deterministic=True)
-          .batch(batch, drop_remainder=valid is None)
-          .prefetch(AUTOTUNE))
+  ds = ds.with_options(options)
+  if per_example:
+    return (ds.map(fn, num_parallel_calls=AUTOTUNE, deterministic=True)
+            .batch(batch, drop_remainder=valid is None).prefetch(AUTOTUNE))
+  return (ds.batch(batch, drop_remainder=valid is None)
+          .map(fn, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE))
 
 
 def steps_per_epoch(split: Split, global_batch: int) -> int:
