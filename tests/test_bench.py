@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxad.bench import cases, grid, reference, suite, timing
+from jaxad.bench import cases, e2e, grid, reference, suite, timing
 from jaxad.models import unet
 from conftest import numpy_variables
 
@@ -44,6 +44,7 @@ def test_list_flag_prints_every_case_id():
   ids = [line for line in out.splitlines() if line and not line.startswith("#")]
   assert ids == list(cases.CASE_IDS)
   assert "# grid/runs8 (--case=grid)" in out
+  assert "# e2e/mnist_npz (--case=e2e)" in out
 
 
 @pytest.mark.parametrize("selectors, expected", [
@@ -235,3 +236,113 @@ def test_bench_grid_config_is_configs_grid_digits():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   shipped = grid_axes.load_experiment(os.path.join(root, "configs", "grid_digits.py"))
   assert config_lib.to_dict(grid.digits_grid_config()) == config_lib.to_dict(shipped)
+
+
+# --------------------------------------------------------------------------
+# e2e: the trainer and the eval binary on generated datasets
+# --------------------------------------------------------------------------
+_SMALL = (("model.latent_dim", 4), ("train.batch_size", 16), ("eval.batch_size", 16),
+          ("eval.num_samples", 2), ("eval.bootstrap", 0))
+# Datasets at their shipping shapes, few examples; models shrunk (inputs resized to 8).
+TINY_E2E = {
+    "mnist_npz": e2e.Sizes(train=200, val=20, test=40, epochs=2, pipeline_s=0.0,
+                           overrides=_SMALL + (("data.image_size", 8),
+                                               ("model.widths", (8,)))),
+    "oct_png": e2e.Sizes(train=96, val=8, test=16, epochs=2, pipeline_s=0.0, eval=False,
+                         overrides=_SMALL + (("data.image_size", 8),
+                                             ("model.widths", (8,)))),
+    "nodules_npz": e2e.Sizes(train=64, val=8, test=8, epochs=2, pipeline_s=0.0, eval=False,
+                             overrides=_SMALL + (("data.image_size", 8), ("data.depth", 8),
+                                                 ("model.widths", (4,)))),
+}
+
+
+def test_e2e_configs_are_the_shipped_ones():
+  # The cases build their configs in the package; they must stay what configs/ builds.
+  from jaxad import config as config_lib
+  from jaxad.grid import axes as grid_axes
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name, (path, build) in e2e.SHIPPED.items():
+    shipped = grid_axes.load_experiment(os.path.join(root, path))
+    assert config_lib.to_dict(build()) == config_lib.to_dict(shipped), path
+
+
+def test_e2e_cases_are_selected_by_name():
+  assert e2e.select_e2e_cases([]) == ([], [])
+  assert e2e.select_e2e_cases(["e2e", "conv64"]) == (list(e2e.E2E_CASE_IDS), ["conv64"])
+  assert e2e.select_e2e_cases(["e2e/oct"]) == (["e2e/oct_png"], [])
+  with pytest.raises(ValueError, match="e2e cases are"):
+    e2e.select_e2e_cases(["e2e/nope"])
+
+
+@pytest.mark.parametrize("name, spatial, train_shape", [
+    ("mnist_npz", (28, 28), (16, 8, 8, 1)),
+    ("oct_png", (128, 128), (16, 8, 8, 1)),
+    ("nodules_npz", (32, 32, 32), (16, 8, 8, 8, 1)),
+])
+def test_e2e_datasets_load_as_they_ship(tmp_path, name, spatial, train_shape):
+  from jaxad.data import pipeline
+  sizes = TINY_E2E[name]
+  path = e2e.write_dataset(name, str(tmp_path), sizes)
+  if path.endswith(".npz"):  # the MedMNIST layout, compressed as MedMNIST ships
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+      assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in zf.infolist())
+    with np.load(path) as f:
+      for split in ("train", "val", "test"):
+        n = getattr(sizes, split)
+        assert f[f"{split}_images"].dtype == np.uint8 and f[f"{split}_labels"].dtype == np.uint8
+        assert f[f"{split}_images"].shape == (n, *spatial)
+        assert f[f"{split}_labels"].shape == (n, 1)
+  else:  # ROOT/<split>/<class>/*.png
+    assert sorted(os.listdir(path)) == ["test", "train", "val"]
+    assert sorted(os.listdir(os.path.join(path, "train"))) == sorted(e2e.OCT_CLASSES)
+  # Through jaxad's sources: the shipped config's preprocessing reads every split.
+  shipped = e2e.bench_config(name, path, e2e.Sizes(1, 1, 1))
+  for role in ("train", "val", "test"):
+    split = pipeline.load_split(shipped.data, role)
+    image, mask = split.source.read(0)
+    assert image.dtype == np.uint8 and image.shape == (*spatial, 1) and mask is None
+    assert split.source.spatial_ndim == len(spatial)
+    assert len(split.normal_indices) > 0
+  assert len(split.source) == sizes.test and 0 < split.anomalous.sum() < sizes.test
+  # The bench's (shrunk) config: batches of the model's input shape, in [-1, 1].
+  config = e2e.bench_config(name, path, sizes)
+  split = pipeline.load_split(config.data, "train")
+  batch = next(pipeline.train_batches(split, config.data, seed=0, global_batch=16))
+  assert batch["image"].shape == train_shape and batch["image"].dtype == np.float32
+  assert -1 <= batch["image"].min() < batch["image"].max() <= 1
+
+
+def test_e2e_cases_measure_every_rate(tmp_path):
+  out = tmp_path / "bench.json"
+  results = suite.run(["e2e"], TINY, out=str(out), peak_sizes=(128,), e2e_sizes=TINY_E2E,
+                      verbose=False)
+  assert results["cases"] == {} and list(results["e2e"]) == list(e2e.E2E_CASE_IDS)
+  assert json.loads(out.read_text())["e2e"].keys() == results["e2e"].keys()
+  assert len(results["meta"]["load_avg"]) == 3
+  for cid, r in results["e2e"].items():
+    sizes = TINY_E2E[cid.split("/")[1]]
+    assert r["step_only_images_per_s"] > 0 and r["pipeline_images_per_s"] > 0
+    assert r["step_only"]["flops_per_image"] > 0 and r["step_only"]["cpu_ms_per_image"] > 0
+    assert set(r["runs"]) == {"streamed", "device"}
+    for run in r["runs"].values():
+      assert run["images_per_s"] > 0 and run["gflops"] > 0
+      assert run["ratio"] == pytest.approx(run["images_per_s"] / run["step_only_images_per_s"])
+      assert run["window_steps"] == r["steps_per_epoch"] * (sizes.epochs - 1)
+      assert run["steps"] == r["steps_per_epoch"] * sizes.epochs
+      assert run["val_s"] > 0 and run["train_only_images_per_s"] >= run["images_per_s"]
+      assert run["train_step_compilations"] == 1 and run["pipeline_wait_s"] >= 0
+    if sizes.eval:
+      ev = r["eval"]
+      assert ev["test_images"] == sizes.test and ev["images_per_s"] > 0
+      assert ev["score_only_images_per_s"] > 0 and ev["phases"]["test_pass_s"] > 0
+      assert len(ev["runs"]) == e2e.EVAL_RUNS and ev["first_run_s"] > 0
+    else:
+      assert "eval" not in r
+  import logging
+  assert not [h for h in logging.getLogger("jaxad").handlers
+              if "jaxad_bench_e2e_" in getattr(h, "baseFilename", "")]  # closed with the runs
+  table = e2e.e2e_table(results["e2e"]).splitlines()
+  assert len(table) == 2 + 2 * 3 + 1 and "| — | — |" in table[2]
+  assert table[2].startswith("| e2e/mnist_npz train, streamed |")

@@ -21,14 +21,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   cli.check_no_args(argv)
-  from jaxad.bench import cases, grid, suite, timing
+  from jaxad.bench import cases, e2e, grid, suite, timing
   if FLAGS.list:
     print("\n".join(cases.CASE_IDS))
     print("\n".join(f"# {cid} (--case=grid)" for cid in grid.GRID_CASE_IDS))
+    print("\n".join(f"# {cid} (--case=e2e)" for cid in e2e.E2E_CASE_IDS))
     return
   with cli.session():
     try:
-      cases.select_cases(grid.select_grid_cases(FLAGS.case)[1])
+      cases.select_cases(e2e.select_e2e_cases(grid.select_grid_cases(FLAGS.case)[1])[1])
     except ValueError as e:
       raise SystemExit(cli.error_message(e)) from None
     suite.run(FLAGS.case, timing.QUICK if FLAGS.quick else timing.FULL, out=FLAGS.out,

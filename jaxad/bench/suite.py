@@ -1,8 +1,10 @@
 """The benchmark program: compiles the selected cases, times them, writes the results.
 
 `run` is what `python -m jaxad.bench` calls; `benchmark` times the model cases
-(jaxad.bench.cases) in interleaved rounds and returns the dict that --out holds, and
-jaxad.bench.grid adds the grid cases under "grid".
+(jaxad.bench.cases) in interleaved rounds and returns the dict that --out holds,
+jaxad.bench.grid adds the grid cases under "grid" and jaxad.bench.e2e the end-to-end
+cases under "e2e". meta.load_avg and meta.load_avg_end are the machine's 1/5/15-minute
+load averages at the start and the end (other processes share the CPU).
 """
 
 from collections.abc import Sequence
@@ -18,7 +20,7 @@ import numpy as np
 import optax
 
 from jaxad import compile_options, files
-from jaxad.bench import cases, grid, reference
+from jaxad.bench import cases, e2e, grid, reference
 from jaxad.bench.timing import (FULL, PEAK_SIZES, QUICK, CaseTimer, Runner, Timing, log,
                                 measure_peak, xla_flops)
 
@@ -105,6 +107,13 @@ def _cpu_name() -> str:
   return platform.processor()
 
 
+def _load_avg() -> list[float] | None:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
 def _meta(timing: Timing, batch: int) -> dict:
   return dict(
       jax=jax.__version__, jaxlib=_jaxlib_version(),
@@ -122,7 +131,7 @@ def benchmark(case_ids: Sequence[str], timing: Timing = FULL, *, seed: int = 0,
               batch: int = cases.BATCH, peak_sizes: Sequence[int] = PEAK_SIZES,
               torch_results: dict | None = None, verbose: bool = False) -> dict:
   """Runs the cases; returns the results dict that --out holds (see jaxad.bench)."""
-  t_start = time.time()
+  t_start, load = time.time(), _load_avg()
   peak = measure_peak(peak_sizes, timing.peak_repeats, timing.peak_min_s)
   peak_key = max(peak, key=lambda k: peak[k]["median"])
   peak_gflops = peak[peak_key]["median"]
@@ -133,7 +142,8 @@ def benchmark(case_ids: Sequence[str], timing: Timing = FULL, *, seed: int = 0,
   _time_all(prepared, timing, verbose)
   records = {cid: case_record(cid, p, peak_gflops, cases.case_batch(cid, batch))
              for cid, p in prepared.items()}
-  results = dict(meta=_meta(timing, batch), peak=peak, peak_gflops=peak_gflops,
+  results = dict(meta=dict(_meta(timing, batch), load_avg=load), peak=peak,
+                 peak_gflops=peak_gflops,
                  peak_note=f"best median of the matmul rates at start: {peak_key}",
                  cases=records)
   results["peak_at_end"] = measure_peak(peak_sizes[-1:], timing.peak_repeats,
@@ -166,20 +176,25 @@ def markdown_table(results: dict) -> str:
 
 def run(selectors: Sequence[str], timing: Timing = FULL, *, out: str = "bench.json",
         torch_json: Sequence[str] = (), peak_sizes: Sequence[int] = PEAK_SIZES,
-        grid_config: str = "", verbose: bool = True) -> dict | None:
+        grid_config: str = "", e2e_sizes: dict | None = None,
+        verbose: bool = True) -> dict | None:
   """The program: benchmarks the selected cases, writes `out`, prints the table.
 
   `grid_config` is the grid config file of grid/runs8 ("" = jaxad.bench.grid's
-  built-in copy of configs/grid_digits.py). Returns the results written (None when
+  built-in copy of configs/grid_digits.py); `e2e_sizes` replaces the e2e cases' sizes
+  (jaxad.bench.e2e.FULL_SIZES / QUICK_SIZES). Returns the results written (None when
   nothing is selected).
   """
   grid_cases, selectors = grid.select_grid_cases(selectors)
-  chosen = cases.select_cases(selectors) if selectors or not grid_cases else []
+  e2e_cases, selectors = e2e.select_e2e_cases(selectors)
+  named = grid_cases or e2e_cases
+  chosen = cases.select_cases(selectors) if selectors or not named else []
   torch_results = reference.load_torch_results(torch_json) if torch_json else None
   log(f"# jaxad.bench: jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-      f"{len(chosen) + len(grid_cases)} cases, "
-      f"{'quick' if timing == QUICK else 'full'} timing", verbose)
-  if not chosen and not grid_cases:
+      f"{len(chosen) + len(grid_cases) + len(e2e_cases)} cases, "
+      f"{'quick' if timing == QUICK else 'full'} timing, load average "
+      f"{_load_avg()}", verbose)
+  if not chosen and not named:
     return None
   results = benchmark(chosen, timing, torch_results=torch_results, peak_sizes=peak_sizes,
                       verbose=verbose)
@@ -189,10 +204,19 @@ def run(selectors: Sequence[str], timing: Timing = FULL, *, out: str = "bench.js
                                           verbose, grid_config=grid_config)
     results["meta"]["wall_s"] = round(results["meta"]["wall_s"] + time.time() - t0, 1)
     log("\n" + grid.grid_table(results["grid"]), verbose)
+  if e2e_cases:
+    t0 = time.time()
+    results["e2e"] = e2e.run_e2e_cases(e2e_cases, timing, results["peak_gflops"], verbose,
+                                       sizes=e2e_sizes)
+    results["meta"]["wall_s"] = round(results["meta"]["wall_s"] + time.time() - t0, 1)
   results["meta"]["quick"] = timing == QUICK
+  results["meta"]["load_avg_end"] = _load_avg()
   files.write_json(out, results)
   if results["cases"]:
     log("\n" + markdown_table(results) + "\n", verbose)
-  log(f"# peak {results['peak_gflops']:.1f} GFLOP/s ({results['peak_note']}); "
-      f"wrote {out} in {results['meta']['wall_s']} s", verbose)
+  if e2e_cases:
+    log("\n" + e2e.e2e_table(results["e2e"]) + "\n", verbose)
+  log(f"# peak {results['peak_gflops']:.1f} GFLOP/s ({results['peak_note']}); load average "
+      f"{results['meta']['load_avg']} at the start, {results['meta']['load_avg_end']} at "
+      f"the end; wrote {out} in {results['meta']['wall_s']} s", verbose)
   return results
