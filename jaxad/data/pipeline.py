@@ -40,6 +40,7 @@ from jaxad.errors import ConfigError, DataError
 log = logging.getLogger("jaxad")
 AUTOTUNE = tf.data.AUTOTUNE
 MAX_LISTED = 20  # bad files named in a check_files error
+BATCHED_READ_BYTES = 16 * 2**20  # a batch of stored images read in one host call, at most
 UNIT_SLACK = 1e-3  # float pixels may stray this far outside [0, 1] (rounding)
 # tf.data runs on the host only: never let TensorFlow take accelerator memory from JAX.
 tf.config.set_visible_devices([], "GPU")
@@ -391,11 +392,14 @@ def _dataset(split, data, indices: np.ndarray, batch: int, valid=None,
              per_example: bool | None = None) -> tf.data.Dataset:
   """Batches of the examples `indices` (with `valid`: padded eval batches).
 
-  In-memory sources are read a batch at a time (`_Preprocess.batched`); file sources,
-  whose images may differ in size, one example at a time (`per_example`).
+  In-memory sources are read a batch at a time (`_Preprocess.batched`) when a batch of
+  their stored images is small (BATCHED_READ_BYTES: tf.data holds a few batches before
+  they are resized); file sources, whose images may differ in size, and large images
+  one example at a time (`per_example`), so memory stays flat.
   """
   if per_example is None:
-    per_example = split.source.from_files
+    per_example = split.source.from_files or not len(split.source) or \
+        split.source.read(0)[0].size * 4 * batch > BATCHED_READ_BYTES
   ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
   if valid is not None:
     ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(valid))
