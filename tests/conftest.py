@@ -60,18 +60,25 @@ def numpy_variables(model, image_shape, seed=0, extra_inputs=()):
   Avoids compiling the PRNG initialisers, which costs seconds per shape on this CPU.
   extra_inputs: shapes of init's further array arguments (a U-Net's time label: (1,)).
   """
-  rng = np.random.default_rng(seed)
   abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
                             *(jax.ShapeDtypeStruct(s, jnp.float32) for s in extra_inputs))
+  return fill_variables(abstract, seed)
+
+
+def fill_variables(abstract, seed=0):
+  """Arrays for every leaf of an abstract variable tree (`jax.eval_shape` of an init):
+  fan-in scaled normal weights, BatchNorm statistics and scales at identity."""
+  rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
     name = jax.tree_util.keystr(path)
     if "batch_stats" in name:
-      return jnp.zeros(leaf.shape) if "mean" in name else jnp.ones(leaf.shape)
+      return jnp.zeros(leaf.shape, leaf.dtype) if "mean" in name else \
+          jnp.ones(leaf.shape, leaf.dtype)
     if "scale" in name:
-      return jnp.ones(leaf.shape)
+      return jnp.ones(leaf.shape, leaf.dtype)
     fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1
-    return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(fan_in), jnp.float32)
+    return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(fan_in), leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)

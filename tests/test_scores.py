@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import ndimage, special, stats
 
-from conftest import numpy_variables
+from conftest import fill_variables, numpy_variables
 from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as lik
 from jaxad.scores import (PIXEL_MAPS, SAMPLE_SCORES, gaussian_smooth, pixel_maps,
@@ -383,22 +383,6 @@ def test_scores_sharded_over_devices_match_one_device():
 # ------------------------------------------------------------- keys per image
 
 
-def _filled(abstract, seed=0):
-  """Variables of `abstract`'s structure from NumPy (no PRNG initialiser to compile)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "batch_stats" in name:
-      return jnp.zeros(leaf.shape) if "mean" in name else jnp.ones(leaf.shape)
-    if "scale" in name:
-      return jnp.ones(leaf.shape)
-    fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 1
-    return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(fan_in), leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 FAMILY_CONFIGS = {
     "vae": {"model.norm": "batch"},
     "score": {"model.family": "score", "model.name": "unet", "model.unet.base_width": 8,
@@ -441,7 +425,7 @@ def test_scores_maps_and_reconstructions_do_not_depend_on_eval_batch_size(make_c
   split = pipeline.load_split(config.data, "test")
   family, _ = state_lib.build(config, 2)
   shape = state_lib.image_shape(config, 2)
-  variables = _filled(jax.eval_shape(functools.partial(family.init, shape=shape),
+  variables = fill_variables(jax.eval_shape(functools.partial(family.init, shape=shape),
                                     jax.random.key(0)))
   small = _scored_by_index(family, variables, split, config, 8)
   large = _scored_by_index(family, variables, split, config, 24)
