@@ -97,6 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.save_maps = False  # also write eval/<split>/maps.npz (written in chunks).
   e.smooth_sigma = 0.0  # gaussian smoothing of the pixel maps (pixels; 0 = off).
   e.n_sigma = 3.0  # unsupervised threshold: mean + n·std of healthy validation maps.
+  e.threshold_quantile = 0.95  # image threshold: this quantile of the healthy validation
+  # images' scores (beside mean + n_sigma·std of them and, with anomalies, best F1).
   e.calibration_fraction = 0.2  # Zimmerer et al.: threshold chosen on 1/5, Dice on 4/5.
   e.pixel_bins = 10_000  # histogram bins of the streaming pixel AUROC/AUPRC.
   e.bootstrap = 50  # bootstrap resamples for the AUROC intervals (0 = off); pixel
@@ -119,6 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
       levels=256))  # intensity levels for dequantisation (0 = continuous data)
   e.complexity = True  # Serrà et al.: jpegxl_bpd, png_bpd and S = bpd − L(x)/D of every
   # likelihood score (vae_complexity, iwae_complexity, prob_flow_complexity, *_png)
+  e.complexity_cache = "auto"  # code lengths cached by image content and coder settings,
+  # so scoring many checkpoints on one test set codes it once: "auto" = $JAXAD_CACHE_DIR,
+  # else $XDG_CACHE_HOME/jaxad/complexity, else ~/.cache/jaxad/complexity; a folder; "" off
 
   c.background = b = ml_collections.ConfigDict()  # Ren et al. 2019: likelihood ratio
   b.enabled = False  # train: also train WORKDIR/background; eval: add the *_llr scores

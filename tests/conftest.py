@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Complexity code lengths are cached on disk (jaxad.scores.complexity_cache): tests use a
+# cache of their own (one per test process, inherited by the binaries they start), never
+# the user's.
+os.environ["JAXAD_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="jaxad-test-cache-")
 
 import jax  # noqa: E402
 

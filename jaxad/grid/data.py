@@ -16,7 +16,7 @@ from jaxad import state as state_lib
 from jaxad.data import pipeline
 from jaxad.errors import DataError
 from jaxad.grid.axes import Group
-from jaxad.scores import complexity
+from jaxad.scores import complexity, complexity_cache
 
 
 def preprocess(split: pipeline.Split, data, batch: int = 256) -> dict[str, np.ndarray]:
@@ -126,7 +126,8 @@ def load_data(group: Group, cache: dict | None = None, with_test: bool = True) -
   if with_test and config.eval.complexity:  # coded once per data, while the group trains
     bits = int(config.data.bit_depth)
     if (key, "lengths", bits) not in cache:
-      pool = complexity.ComplexityPool(bits)
+      pool = complexity.ComplexityPool(
+          bits, cache_dir=complexity_cache.resolve_dir(config.eval.complexity_cache))
       cache[(key, "lengths", bits)] = pool.submit(arrays("test", test)["image"])
       pool.close(wait=False)
     lengths = cache[(key, "lengths", bits)]

@@ -18,17 +18,25 @@ files' few bytes of header, the same for every image of one size.
 Images are coded as the model sees them (resized, in [-1, 1]) after rounding back to
 `bit_depth` bits per value, so L(x) and the model's bits per dimension describe the
 same discrete image. `ComplexityPool` codes batches on host threads while the
-accelerator scores them.
+accelerator scores them; given a `cache_dir`, it codes each image once across runs
+(`complexity_cache`: keyed by the quantised image and the coder settings) and counts
+its own throughput (`stats`), which the eval binary reports beside the device's.
 """
 
 import concurrent.futures
 import io
 import os
+import threading
+import time
 
 import numpy as np
 
+from jaxad.scores import complexity_cache
+
 CODERS = ("jpegxl", "png")  # the first gives the `*_complexity` scores
 JPEGXL_EFFORT = 7  # libjxl's default speed/size trade-off
+PNG_LEVEL = 9  # zlib's smallest
+LAYOUT = 1  # bump when `quantize` or `as_planar_image` change what is coded (cache key)
 
 
 def length_name(coder: str) -> str:
@@ -85,20 +93,39 @@ def encode(picture: np.ndarray, coder: str, bit_depth: int) -> bytes:
   if coder == "png":
     if picture.dtype == np.uint16 and picture.ndim == 3:
       import imagecodecs  # Pillow writes 16-bit PNGs in grey only
-      return imagecodecs.png_encode(picture, level=9)
+      return imagecodecs.png_encode(picture, level=PNG_LEVEL)
     from PIL import Image
     buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="PNG", compress_level=9)
+    Image.fromarray(picture).save(buffer, format="PNG", compress_level=PNG_LEVEL)
     return buffer.getvalue()
   raise ValueError(f"unknown coder {coder!r}; use one of {CODERS}")
+
+
+def coder_settings(coder: str, bit_depth: int) -> dict:
+  """Everything `encode` depends on besides the image: the code-length cache's key."""
+  import imagecodecs
+  settings = {"coder": coder, "bit_depth": check_bit_depth(bit_depth), "layout": LAYOUT,
+              "imagecodecs": imagecodecs.__version__}
+  if coder == "jpegxl":
+    return {**settings, "effort": JPEGXL_EFFORT, "libjxl": imagecodecs.jpegxl_version()}
+  if coder == "png":
+    import PIL
+    from PIL import features
+    return {**settings, "level": PNG_LEVEL, "pillow": PIL.__version__,
+            "zlib": features.version("zlib"), "libpng": imagecodecs.png_version()}
+  raise ValueError(f"unknown coder {coder!r}; use one of {CODERS}")
+
+
+def to_bpd(nbytes, num_dims: int) -> np.ndarray:
+  """Code lengths in bytes → bits per dimension, float64 (B,)."""
+  return np.asarray([8 * int(n) / num_dims for n in nbytes], np.float64)
 
 
 def complexity_bpd(images: np.ndarray, bit_depth: int, coder: str) -> np.ndarray:
   """L(x)/D in bits per dimension (B,) for a batch (B, *spatial, C) in [-1, 1]."""
   q = quantize(images, bit_depth)
-  num_dims = int(np.prod(q.shape[1:]))
-  return np.asarray([8 * len(encode(as_planar_image(x), coder, bit_depth)) / num_dims
-                     for x in q], np.float64)
+  return to_bpd([len(encode(as_planar_image(x), coder, bit_depth)) for x in q],
+                int(np.prod(q.shape[1:])))
 
 
 def lengths(images: np.ndarray, bit_depth: int) -> dict[str, np.ndarray]:
@@ -131,21 +158,60 @@ class ComplexityPool:
   """Codes image batches on host threads, beside the device work of the eval loop.
 
   `submit(images)` returns a future of `lengths(images, bit_depth)`, images coded in
-  parallel. libjxl, libpng and zlib release the GIL while they code.
+  parallel (libjxl, libpng and zlib release the GIL while they code). With `cache_dir`
+  each image's lengths are looked up first (`complexity_cache`) and only the misses
+  are coded, the result the same bit for bit: a batch seen before codes nothing.
+  `stats()` counts images, cache hits and the coder's time.
   """
-
-  def __init__(self, bit_depth: int, threads: int = 0):
-    self.bit_depth = check_bit_depth(bit_depth)
-    self._pool = concurrent.futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
 
   names = tuple(length_name(c) for c in CODERS)
 
-  def submit(self, images: np.ndarray) -> "concurrent.futures.Future":
+  def __init__(self, bit_depth: int, threads: int = 0, cache_dir: str | None = None):
+    self.bit_depth = check_bit_depth(bit_depth)
+    self.cache_dir = cache_dir
+    self._caches = {} if cache_dir is None else {
+        c: complexity_cache.LengthCache(cache_dir, coder_settings(c, self.bit_depth))
+        for c in CODERS}
+    self._clock = _Clock()
+    self._pool = concurrent.futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
+
+  def submit(self, images: np.ndarray) -> "_Joined":
     images = np.array(images, copy=True)  # the caller may reuse its buffer
-    chunks = [self._pool.submit(lengths, part, self.bit_depth)
-              for part in np.array_split(images, max(1, min(len(images), 8)))
-              if len(part)]
-    return _Joined(chunks)
+    parts = [part for part in np.array_split(images, max(1, min(len(images), 8)))
+             if len(part)]
+    batch = _NewLengths(len(parts), self._caches)
+    self._clock.add(images=len(images))
+    return _Joined([self._pool.submit(self._lengths, part, batch) for part in parts])
+
+  def _lengths(self, part: np.ndarray, batch: "_NewLengths") -> dict[str, np.ndarray]:
+    """`lengths(part, bit_depth)`: cached lengths looked up, the others coded."""
+    q = quantize(part, self.bit_depth)
+    keys = complexity_cache.digests(q) if self._caches else None
+    out, new, coded = {}, {}, np.zeros(len(q), bool)
+    try:
+      for coder in CODERS:
+        nbytes = self._caches[coder].get(keys) if keys else [None] * len(q)
+        todo = [i for i, n in enumerate(nbytes) if n is None]
+        if todo:
+          with self._clock.busy():
+            for i in todo:
+              nbytes[i] = len(encode(as_planar_image(q[i]), coder, self.bit_depth))
+          coded[todo] = True
+          if keys:
+            new[coder] = ([keys[i] for i in todo], [nbytes[i] for i in todo])
+        self._clock.add(encodes=len(todo))
+        out[length_name(coder)] = to_bpd(nbytes, int(np.prod(q.shape[1:])))
+      self._clock.add(coded=int(coded.sum()), cached=int((~coded).sum()))
+      return out
+    finally:
+      batch.done(new)
+
+  def stats(self) -> dict:
+    """images (submitted), cached (every length a cache hit), coded (the others),
+    encodes (image × coder codings), coder_busy_s (summed over threads), coder_wall_s
+    (time any thread was coding) and images_per_s (coded / coder_wall_s; NaN when
+    nothing was coded). Counts finished batches; exact after `close()`."""
+    return self._clock.stats()
 
   def close(self, wait: bool = True) -> None:
     """Frees the threads; with wait=False once the work already submitted is done."""
@@ -158,11 +224,90 @@ class ComplexityPool:
     self.close()
 
 
+class _Clock:
+  """The pool's counts and coder time: busy summed over threads, wall the union of
+  the intervals in which any thread was coding."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._counts = dict(images=0, cached=0, coded=0, encodes=0)
+    self._busy = self._wall = 0.0
+    self._active, self._since = 0, 0.0
+
+  def add(self, **counts) -> None:
+    with self._lock:
+      for k, n in counts.items():
+        self._counts[k] += n
+
+  def busy(self) -> "_Busy":
+    return _Busy(self)
+
+  def start(self) -> float:
+    with self._lock:
+      now = time.perf_counter()
+      if self._active == 0:
+        self._since = now
+      self._active += 1
+      return now
+
+  def stop(self, started: float) -> None:
+    with self._lock:
+      now = time.perf_counter()
+      self._busy += now - started
+      self._active -= 1
+      if self._active == 0:
+        self._wall += now - self._since
+
+  def stats(self) -> dict:
+    with self._lock:
+      wall = self._wall
+      return {**self._counts, "coder_busy_s": self._busy, "coder_wall_s": wall,
+              "images_per_s": self._counts["coded"] / wall if wall > 0 else float("nan")}
+
+
+class _Busy:
+  """`with clock.busy():` times one thread's coding."""
+
+  def __init__(self, clock: _Clock):
+    self._clock = clock
+
+  def __enter__(self):
+    self._started = self._clock.start()
+
+  def __exit__(self, *exc):
+    self._clock.stop(self._started)
+
+
+class _NewLengths:
+  """The lengths one batch coded, written to the caches as one file per coder when
+  its last part is done (also when a part failed: what was coded is still right)."""
+
+  def __init__(self, num_parts: int, caches: dict):
+    self._lock = threading.Lock()
+    self._left, self._caches = num_parts, caches
+    self._new = {c: ([], []) for c in caches}
+
+  def done(self, new: dict) -> None:
+    with self._lock:
+      for coder, (keys, nbytes) in new.items():
+        self._new[coder][0].extend(keys)
+        self._new[coder][1].extend(nbytes)
+      self._left -= 1
+      last = self._left == 0
+    if last:
+      for coder, (keys, nbytes) in self._new.items():
+        if keys:
+          self._caches[coder].add(keys, nbytes)
+
+
 class _Joined:
   """The chunks' results, concatenated in order, as one future-like `result()`."""
 
   def __init__(self, chunks):
     self._chunks = chunks
+
+  def done(self) -> bool:
+    return all(c.done() for c in self._chunks)
 
   def result(self) -> dict[str, np.ndarray]:
     parts = [c.result() for c in self._chunks]
