@@ -19,7 +19,7 @@ def _norm(name: str) -> str:
 
 def _declared() -> set[str]:
   project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
-  reqs = project["dependencies"] + [r for extra in ("test", "nifti")
+  reqs = project["dependencies"] + [r for extra in ("test", "nifti", "medmnist")
                                     for r in project["optional-dependencies"][extra]]
   names = {_norm(re.split(r"[ <>=!~;\[]", r, maxsplit=1)[0]) for r in reqs}
   return names | ({"tensorflow"} if "tensorflow-cpu" in names else set())
