@@ -94,7 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   e.batch_size = 64  # global batch for scoring (padded; every image scored once).
   e.num_samples = 15  # L: samples z ~ q(z|x) for the vae and iwae scores.
   e.pixel_maps = True  # compute pixel maps when the split has masks or lesions.
-  e.save_maps = False  # also write eval/<split>/maps.npz (written in chunks).
+  e.save_maps = True  # write eval/<split>/maps.npz (in chunks) whenever maps are computed:
+  # for the pixel metrics (masks or lesions: saving costs disk, not compute) and for
+  # --input runs; never beyond max_saved_maps_mb (metrics.json says which and why).
+  e.max_saved_maps_mb = 1024  # the largest maps.npz written by default (float32).
   e.smooth_sigma = 0.0  # gaussian smoothing of the pixel maps (pixels; 0 = off).
   e.n_sigma = 3.0  # unsupervised threshold: mean + n·std of healthy validation maps.
   e.threshold_quantile = 0.95  # image threshold: this quantile of the healthy validation

@@ -2,9 +2,12 @@
 
 Convention everywhere: a higher score means more anomalous, and label 1 means anomalous
 (label 0 normal). Image-level metrics (`auroc`, `auprc`, `per_class_table`) rank one score
-per image; pixel-level metrics (`PixelCurve`, `dice`, `iou`, thresholds) compare anomaly
-maps with lesion masks. Protocol helpers (`calibration_split`, `bootstrap`,
-`logistic_regression_auroc`) follow the papers the configs reproduce.
+per image; image thresholds (`best_f1_threshold`, `nsigma_rule`, `quantile_rule`,
+`image_thresholds`) predict anomalous when `score >= threshold`, and `binary_metrics`
+scores such a rule. Pixel-level metrics (`PixelCurve`, `aupro`, `dice`, `iou`,
+`per_image_dice`, thresholds) compare anomaly maps with lesion masks. Protocol helpers
+(`calibration_split`, `bootstrap`, `logistic_regression_auroc`) follow the papers the
+configs reproduce.
 
 AUROC and AUPRC are computed here from tie-grouped counts, so exact scores, histogram
 bins (streaming `PixelCurve`) and thresholds all share one implementation; they match
@@ -197,6 +200,85 @@ def per_class_table(class_names: Sequence[str], labels_class: np.ndarray,
   return table
 
 
+# --------------------------------------------------------------- image-level thresholds
+
+
+def best_f1_threshold(labels, scores) -> tuple[float, float]:
+  """(threshold, F1) of the rule `score >= threshold` with the highest F1 on these images.
+
+  Every distinct score is a candidate, so the optimum is exact; among equal F1 the
+  highest threshold wins. Needs at least one anomalous image.
+  """
+  labels, scores = _labels_scores(labels, scores)
+  if not labels.any():
+    raise DataError("best_f1_threshold needs at least one anomalous (1) image, got "
+                    f"{len(labels)} normal ones: label some anomalous validation images, "
+                    "or use the healthy-score rules (nsigma_rule, quantile_rule)")
+  return _best_f1_from_counts(*_tie_groups(labels, scores))
+
+
+def _ratio(num: int, den: int) -> float | None:
+  return None if den == 0 else num / den
+
+
+def binary_metrics(labels, scores, threshold: float) -> dict:
+  """Confusion counts and rates of predicting anomalous when `score >= threshold`.
+
+  sensitivity = TP/(TP+FN), specificity = TN/(TN+FP), precision = TP/(TP+FP),
+  F1 = 2TP/(2TP+FP+FN); a ratio whose denominator is 0 (e.g. sensitivity without an
+  anomalous image) is None.
+  """
+  labels, scores = _labels_scores(labels, scores)
+  if np.isnan(threshold):
+    raise DataError("binary_metrics threshold is NaN: pass a number (a chosen threshold)")
+  predicted = scores >= threshold
+  tp = int(np.count_nonzero(predicted & labels))
+  fp = int(np.count_nonzero(predicted & ~labels))
+  fn = int(np.count_nonzero(~predicted & labels))
+  tn = len(labels) - tp - fp - fn
+  return {"threshold": float(threshold), "sensitivity": _ratio(tp, tp + fn),
+          "specificity": _ratio(tn, tn + fp), "precision": _ratio(tp, tp + fp),
+          "f1": _ratio(2 * tp, 2 * tp + fp + fn), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def nsigma_rule(healthy_scores, n_sigma: float = 3.0) -> dict:
+  """{'threshold': mean + n_sigma·std, 'n_sigma', 'mean', 'std'} of healthy images'
+  scores (population std): a threshold that needs no anomalous image."""
+  values = _as_scores(healthy_scores, "healthy_scores").reshape(-1)
+  if not np.isfinite(n_sigma):
+    raise DataError(f"n_sigma must be finite, got {n_sigma!r}")
+  mean, std = float(values.mean()), float(values.std())
+  return {"threshold": mean + float(n_sigma) * std, "n_sigma": float(n_sigma),
+          "mean": mean, "std": std}
+
+
+def quantile_rule(healthy_scores, quantile: float = 0.95) -> dict:
+  """{'threshold', 'quantile'}: the `quantile` of healthy images' scores (NumPy's
+  linear interpolation), so about 1 − quantile of healthy images score at or above it."""
+  values = _as_scores(healthy_scores, "healthy_scores").reshape(-1)
+  if not 0.0 < quantile < 1.0:
+    raise DataError(f"quantile must be strictly between 0 and 1, got {quantile!r} "
+                    "(0.95 flags about 5% of healthy images)")
+  return {"threshold": float(np.quantile(values, quantile)), "quantile": float(quantile)}
+
+
+def image_thresholds(labels, scores, n_sigma: float = 3.0, quantile: float = 0.95) -> dict:
+  """Every rule's threshold for one score, chosen on these (validation) images:
+  {'best_f1': {'threshold', 'val_f1'}} when both classes are present, and
+  'n_sigma' (`nsigma_rule`) and 'quantile' (`quantile_rule`) of the normal images."""
+  labels, scores = _labels_scores(labels, scores)
+  if labels.all():
+    raise DataError("image_thresholds needs normal (0) images to choose thresholds on, "
+                    "got only anomalous ones: validate on a split with healthy images")
+  out = {}
+  if labels.any():
+    t, f1 = best_f1_threshold(labels, scores)
+    out["best_f1"] = {"threshold": t, "val_f1": f1}
+  out["n_sigma"] = nsigma_rule(scores[~labels], n_sigma)
+  out["quantile"] = quantile_rule(scores[~labels], quantile)
+  return out
+
+
 # ------------------------------------------------------------------ pixel-level metrics
 
 
@@ -210,8 +292,52 @@ def _bin_index(values: np.ndarray, value_range: tuple[float, float],
   return np.clip(position, 0, num_bins - 1).astype(np.int64), clipped
 
 
+def _lower_edges(value_range: tuple[float, float], num_bins: int) -> np.ndarray:
+  """Each bin's lower edge (increasing); the bottom one is −inf, since the bottom bin
+  also holds the values clipped below the range."""
+  lo, hi = value_range
+  edges = lo + (hi - lo) * np.arange(num_bins) / num_bins
+  edges[0] = -np.inf
+  return edges
+
+
+AUPRO_MAX_FPR = 0.3  # MVTec AD: the PRO curve is integrated up to a 30% false positive rate
+
+
+def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
+  """(1/|region| at each lesion pixel, 0 elsewhere; the number of regions) of masks
+  (n, *spatial): connected components of each image (or volume) on its own, with
+  scipy.ndimage.label's default connectivity (face neighbours only)."""
+  from scipy import ndimage
+  structure = np.zeros((3,) * masks.ndim, bool)  # no neighbours across the image axis
+  structure[1] = ndimage.generate_binary_structure(masks.ndim - 1, 1)
+  labels, count = ndimage.label(masks, structure=structure)
+  sizes = np.bincount(labels.reshape(-1), minlength=count + 1)
+  weights = np.where(labels > 0, 1.0 / np.maximum(sizes, 1)[labels], 0.0)
+  return weights, int(count)
+
+
+def _value_groups(values: np.ndarray, *columns: np.ndarray):
+  """Distinct values in decreasing order and each column summed over each tie group."""
+  order = np.argsort(values, kind="stable")[::-1]
+  v = values[order]
+  starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+  return v[starts], [np.add.reduceat(c[order], starts) for c in columns]
+
+
+def _area_to(fpr: np.ndarray, pro: np.ndarray, max_fpr: float) -> float:
+  """Trapezoid area under pro(fpr) for fpr in [0, max_fpr], divided by max_fpr; the
+  points run from (0, 0) by non-decreasing fpr, pro interpolated linearly at max_fpr."""
+  k = int(np.searchsorted(fpr, max_fpr, side="right"))  # fpr[:k] <= max_fpr
+  x, y = fpr[:k], pro[:k]
+  if k < len(fpr):
+    x0, x1, y0, y1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+    x, y = np.r_[x, max_fpr], np.r_[y, y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)]
+  return float(np.trapezoid(y, x) / max_fpr)
+
+
 class PixelCurve:
-  """Streaming pixel AUROC/AUPRC: accumulate (map, mask) batches with flat memory.
+  """Streaming pixel AUROC/AUPRC/AUPRO: accumulate (map, mask) batches, flat memory.
 
   Streaming mode counts normal and lesion pixels in `num_bins` equal bins over
   `value_range`; every metric is then computed from the bin counts as if each bin were
@@ -225,12 +351,17 @@ class PixelCurve:
   `keep_images=True` also keeps each image's counts in the same bins (sparsely, see
   `ImageHistograms`), so `pixel_bootstrap(curve.image_histograms())` resamples exactly
   the statistic this curve reports: summed over all images they are its counts.
+
+  `regions=True` adds MVTec AD's per-region overlap (`aupro`): each image's lesion mask
+  is split into connected regions as it arrives, and every lesion pixel adds 1/|its
+  region| to its bin of one more array, so PRO(t), the mean over regions of the
+  fraction of the region at or above t, is a cumulative sum over bins, like the FPR.
   """
 
   MARGIN = 0.25
 
   def __init__(self, num_bins: int = 10_000, value_range: tuple[float, float] | None = None,
-               exact: bool = False, keep_images: bool = False):
+               exact: bool = False, keep_images: bool = False, regions: bool = False):
     if int(num_bins) != num_bins or num_bins < 2:
       raise DataError(f"PixelCurve num_bins must be an integer >= 2, got {num_bins!r}")
     if exact and keep_images:
@@ -240,11 +371,14 @@ class PixelCurve:
     self.exact = bool(exact)
     self.value_range = None if value_range is None else _check_range(value_range)
     self.num_clipped = 0
+    self.regions, self.num_regions = bool(regions), 0
     self._images = [] if keep_images else None  # ImageHistograms, one per update
     if self.exact:
       self._values, self._masks = [], []
+      self._weights = [] if self.regions else None  # 1/|region| per pixel
     else:
       self._counts = np.zeros((2, self.num_bins), np.int64)  # row 0 normal, row 1 lesion
+      self._pro = np.zeros(self.num_bins) if self.regions else None  # Σ 1/|region|
 
   def update(self, maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None):
     """Adds a batch: maps (B, *spatial), masks of the same shape, valid (B,) or None."""
@@ -260,11 +394,21 @@ class PixelCurve:
       if not len(maps):
         return
     values = _as_scores(maps, "maps").reshape(len(maps), -1)
+    weights = None
+    if self.regions:
+      weights, count = _region_weights(masks)
+      self.num_regions += count
     masks = masks.reshape(len(maps), -1)
     if self.exact:
       self._values.append(values.reshape(-1).copy())
       self._masks.append(masks.reshape(-1).copy())
+      if weights is not None:
+        self._weights.append(weights.reshape(-1))
       return
+    self._add_bins(values, masks, weights)
+
+  def _add_bins(self, values: np.ndarray, masks: np.ndarray, weights) -> None:
+    """Streaming mode: bins (n, pixels) values into the counts (and region weights)."""
     if self.value_range is None:
       self.value_range = _widened_range(values.min(), values.max(), self.MARGIN)
     index, clipped = _bin_index(values, self.value_range, self.num_bins)
@@ -272,6 +416,9 @@ class PixelCurve:
     codes = index + self.num_bins * masks
     counts = np.bincount(codes.reshape(-1), minlength=2 * self.num_bins)
     self._counts += counts.reshape(2, self.num_bins)
+    if weights is not None:
+      self._pro += np.bincount(index.reshape(-1), weights=weights.reshape(-1),
+                               minlength=self.num_bins)
     if self._images is not None:
       self._images.append(ImageHistograms.from_codes(codes, self.value_range,
                                                      self.num_bins))
@@ -284,20 +431,20 @@ class PixelCurve:
       raise DataError("PixelCurve has no pixels yet: call update() with maps and masks")
     return ImageHistograms.concatenate(self._images)
 
+  def _check_pixels(self) -> None:
+    if self.exact and not self._values:
+      raise DataError("PixelCurve has no pixels yet: call update() with maps and masks")
+
   def _groups(self):
     """(thresholds, lesion counts, normal counts) by decreasing value."""
+    self._check_pixels()
     if self.exact:
-      if not self._values:
-        raise DataError("PixelCurve has no pixels yet: call update() with maps and masks")
       masks, values = np.concatenate(self._masks), np.concatenate(self._values)
       _check_both_classes(int(masks.sum()), int((~masks).sum()), "PixelCurve")
       return _tie_groups(masks, values)
     neg, pos = self._counts
     _check_both_classes(int(pos.sum()), int(neg.sum()), "PixelCurve")
-    lo, hi = self.value_range
-    lower_edges = lo + (hi - lo) * np.arange(self.num_bins) / self.num_bins
-    lower_edges[0] = -np.inf  # the bottom bin also holds values clipped below `lo`
-    return lower_edges[::-1], pos[::-1], neg[::-1]
+    return _lower_edges(self.value_range, self.num_bins)[::-1], pos[::-1], neg[::-1]
 
   @classmethod
   def from_counts(cls, counts: np.ndarray, value_range: tuple[float, float]) -> "PixelCurve":
@@ -327,6 +474,35 @@ class PixelCurve:
     """
     return _best_f1_from_counts(*self._groups())
 
+  def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) from (0, 0) at every threshold by decreasing value (every distinct
+    value, or every bin's lower edge), ties stepping diagonally. FPR is over all normal
+    pixels (mask 0) of every image; PRO is the mean over lesion regions of the fraction
+    of the region's pixels at or above the threshold."""
+    if not self.regions:
+      raise DataError("PixelCurve.pro_curve and aupro need PixelCurve(regions=True)")
+    self._check_pixels()
+    if self.exact:
+      masks, values = np.concatenate(self._masks), np.concatenate(self._values)
+      _, (neg, pro) = _value_groups(values, (~masks).astype(np.int64),
+                                    np.concatenate(self._weights))
+    else:
+      neg, pro = self._counts[0][::-1], self._pro[::-1]
+    num_neg = int(neg.sum())
+    if self.num_regions == 0 or num_neg == 0:
+      raise DataError(f"PixelCurve.aupro needs lesion regions and normal pixels, got "
+                      f"{self.num_regions} regions and {num_neg} normal pixels: evaluate "
+                      "on images with annotated lesions and healthy tissue")
+    fpr = np.cumsum(neg) / num_neg
+    pro = np.minimum(np.cumsum(pro) / self.num_regions, 1.0)  # float sums may pass 1
+    return np.r_[0.0, fpr], np.r_[0.0, pro]
+
+  def aupro(self, max_fpr: float = AUPRO_MAX_FPR) -> float:
+    """MVTec AD's AUPRO: the area under PRO(FPR) for FPR in [0, max_fpr] (trapezoids,
+    PRO interpolated at max_fpr), divided by max_fpr, so 1 is perfect."""
+    if not 0.0 < max_fpr <= 1.0:
+      raise DataError(f"max_fpr must be in (0, 1], got {max_fpr!r} (MVTec AD uses 0.3)")
+    return _area_to(*self.pro_curve(), max_fpr)
 
   def overlap_at(self, threshold: float) -> dict:
     """Pooled Dice and IoU of `map >= threshold` against the masks seen so far.
@@ -340,6 +516,14 @@ class PixelCurve:
     fn = int(pos.sum()) - tp
     return {"threshold": float(threshold), "dice": 2 * tp / max(2 * tp + fp + fn, 1),
             "iou": tp / max(tp + fp + fn, 1)}
+
+
+def aupro(maps, masks, max_fpr: float = AUPRO_MAX_FPR) -> float:
+  """Exact AUPRO (MVTec AD) of maps (n, *spatial) against masks of the same shape:
+  every distinct map value is a threshold. `PixelCurve(regions=True)` streams it."""
+  curve = PixelCurve(exact=True, regions=True)
+  curve.update(maps, masks)
+  return curve.aupro(max_fpr)
 
 
 def _check_range(value_range) -> tuple[float, float]:
@@ -608,6 +792,19 @@ class ImageHistograms:
     out[image_of, self.codes.astype(np.int64)] = self.counts
     return out.reshape(len(self), 2, self.num_bins)
 
+  def overlap_counts(self, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image (n,): (lesion pixels predicted, pixels predicted, lesion pixels) of
+    `map >= threshold`, a pixel predicted when its bin's lower edge is at or above the
+    threshold (as `PixelCurve.overlap_at` counts them)."""
+    image_of = np.repeat(np.arange(len(self)), np.diff(self.starts))
+    codes = self.codes.astype(np.int64)
+    lesion = codes >= self.num_bins
+    predicted = _lower_edges(self.value_range, self.num_bins)[codes % self.num_bins] \
+        >= threshold
+    count = lambda keep: np.bincount(image_of[keep], weights=self.counts[keep],
+                                     minlength=len(self)).astype(np.int64)
+    return count(predicted & lesion), count(predicted), count(lesion)
+
 
 def image_histograms(maps, masks, value_range: tuple[float, float],
                      num_bins: int = 10_000) -> ImageHistograms:
@@ -623,6 +820,27 @@ def image_histograms(maps, masks, value_range: tuple[float, float],
   index, _ = _bin_index(maps.reshape(n, -1), value_range, num_bins)
   return ImageHistograms.from_codes(index + num_bins * masks.reshape(n, -1), value_range,
                                     num_bins)
+
+
+def per_image_dice(histograms: ImageHistograms, threshold: float, images=None) -> dict:
+  """Mean and median of each image's own Dice of `map >= threshold`, over the images
+  with lesion pixels (among `images`, a bool (n,) selection, when given); with the
+  pooled Dice of `PixelCurve.overlap_at` it shows whether a few large lesions carry the
+  pooled number. {'mean', 'median', 'num_images'}; None for both without a lesion image.
+  """
+  tp, predicted, lesion = histograms.overlap_counts(threshold)
+  keep = lesion > 0
+  if images is not None:
+    images = _as_binary(images, "images").reshape(-1)
+    if len(images) != len(histograms):
+      raise DataError(f"images has {len(images)} flags for {len(histograms)} image "
+                      "histograms: pass one flag per image, in the same order")
+    keep &= images
+  dice_i = 2.0 * tp[keep] / (predicted[keep] + lesion[keep])
+  if not len(dice_i):
+    return {"mean": None, "median": None, "num_images": 0}
+  return {"mean": float(dice_i.mean()), "median": float(np.median(dice_i)),
+          "num_images": int(len(dice_i))}
 
 
 def _pixel_values(counts: np.ndarray, value_range, threshold, names) -> list[float]:

@@ -457,6 +457,41 @@ def _ranking_section(ranking: dict, sample: dict) -> str:
                  best=True))
 
 
+THRESHOLD_COLUMNS = (("threshold", "threshold"), ("val_f1", "validation F1"),
+                     ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                     ("precision", "precision"), ("f1", "F1"), ("tp", "TP"), ("fp", "FP"),
+                     ("tn", "TN"), ("fn", "FN"))
+
+
+def _thresholds_section(section: dict) -> str:
+  """Image-level thresholds: one row per (score, rule), chosen on validation and
+  scored on this split; ★ marks the (score, rule) predict uses by default."""
+  head = "<h2>Image-level thresholds</h2>"
+  default = section.get("default") or {}
+  rows, errors = [], []
+  for score, rules in (section.get("scores") or {}).items():
+    if "error" in rules:
+      errors.append(rules["error"])
+      continue
+    for rule, row in rules.items():
+      star = "★ " if (score, rule) == (default.get("score"), default.get("rule")) else ""
+      rows.append((f"{star}{score} / {rule}", [row.get(k) for k, _ in THRESHOLD_COLUMNS]))
+  notes = [section[k] for k in ("note",) if section.get(k)]
+  if default:
+    notes.insert(0, f"Chosen on the {section['chosen_on']}; reported on the "
+                 f"{section['evaluated_on']}. An image is anomalous when its score is at "
+                 f"or above the threshold. ★ = the default ({default['score']}, "
+                 f"{default['rule']}): {default['why']}.")
+  paragraphs = "".join(f"<p class=\"note\">{html.escape(n)}</p>" for n in notes + errors)
+  if not rows:
+    return head + paragraphs
+  caption = ("best_f1: the highest F1 on validation; n_sigma: mean + N·std of the healthy "
+             "validation scores; quantile: that quantile of them. —: undefined (0/0) or not "
+             "the rule's.")
+  return head + paragraphs + _table(caption, ["score / rule", *(h for _, h in
+                                                                 THRESHOLD_COLUMNS)], rows)
+
+
 def _flatten(value: dict, prefix: str = "") -> dict:
   """Nested dicts to {'a.b': leaf}; leaves are scalars or lists."""
   flat = {}
@@ -545,6 +580,8 @@ def _metric_sections(metrics: dict) -> list[str]:
     out.append("<h2>Image-level detection</h2>" + _sample_tables(sample))
   elif sample is not None:
     out.append(_section("sample", sample))
+  if isinstance(metrics.get("image_thresholds"), dict):
+    out.append(_thresholds_section(metrics["image_thresholds"]))
   if isinstance(metrics.get("pixel"), dict) and metrics["pixel"]:
     pixel = metrics["pixel"]
     if all(isinstance(v, dict) for v in pixel.values()):
@@ -553,7 +590,7 @@ def _metric_sections(metrics: dict) -> list[str]:
     else:
       out.append(_section("pixel", pixel))
   for name, value in metrics.items():
-    if name not in ("sample", "pixel", "ranking") and name not in scalars:
+    if name not in ("sample", "pixel", "ranking", "image_thresholds") and name not in scalars:
       out.append(_section(name, value))
   return out
 

@@ -1,5 +1,6 @@
 """One scoring pass over a split: every sample score, map, lesion, code length and
-background score, batch by batch; the healthy-map statistics; the derived scores.
+background score, batch by batch; the healthy-map statistics; the derived scores; the
+validation split's scores (`validation_scores`: the score ranking and image thresholds).
 
 The eval binary, validation ranking and the grid all score through here, so a number
 means the same wherever it is reported. Batches are padded and carry `index` and
@@ -27,6 +28,7 @@ from jaxad.data import lesions as lesions_lib
 from jaxad.data import pipeline
 from jaxad.errors import CheckpointError, DataError
 from jaxad.scores import complexity as complexity_lib
+from jaxad.scores import complexity_cache
 
 RANGE_FACTOR = 4.0  # pixel curves span [0, RANGE_FACTOR × the healthy maps' maximum]
 
@@ -161,7 +163,9 @@ def score_names(family, bg) -> list[str]:
 def make_coder(family, config):
   """A ComplexityPool when the family has likelihood scores and eval.complexity is on."""
   if config.eval.complexity and getattr(family, "likelihood_scores", ()):
-    return complexity_lib.ComplexityPool(int(config.data.bit_depth))
+    return complexity_lib.ComplexityPool(
+        int(config.data.bit_depth),
+        cache_dir=complexity_cache.resolve_dir(config.eval.complexity_cache))
   return None
 
 
@@ -312,16 +316,45 @@ def likelihood_derived(family, scores: dict, num_dims: int, bit_depth: int, *,
   return scores
 
 
-def validation_auroc(family, variables, config: ml_collections.ConfigDict, mesh,
-                     spatial_ndim: int, bg=None) -> dict | None:
-  """AUROC of every sample score on the validation split, or None when it has no
-  anomalous (or no normal) image to rank scores with.
+@dataclasses.dataclass
+class ValidationScores:
+  """The validation split's sample scores, in scoring order, with its labels: what the
+  score ranking (its AUROCs) and the image thresholds are chosen on."""
+  scores: dict  # name → float64 (N,), every score of the eval binary
+  anomalous: np.ndarray  # bool (N,)
+
+  @property
+  def has_both_classes(self) -> bool:
+    return bool(0 < self.anomalous.sum() < len(self.anomalous))
+
+  def describe(self) -> str:
+    """'validation split: 180 images, 18 anomalous'."""
+    return (f"validation split: {len(self.anomalous)} images, "
+            f"{int(self.anomalous.sum())} anomalous")
+
+  def auroc(self) -> dict | None:
+    """AUROC of every score, or None when validation lacks one of the classes; a
+    score with non-finite values (a diverged model) gets None."""
+    if not self.has_both_classes:
+      return None
+    out = {}
+    for k, v in self.scores.items():
+      try:
+        out[k] = metrics.auroc(self.anomalous, v)
+      except DataError:
+        out[k] = None
+    return out
+
+
+def validation_scores(family, variables, config: ml_collections.ConfigDict, mesh,
+                      spatial_ndim: int, bg=None) -> ValidationScores | None:
+  """Every sample score of the validation split, or None when there is none.
 
   The same pass as the eval binary's (batches, keys, complexity, background), sample
   scores only, so `--split=val` reports the same numbers.
   """
   split = pipeline.load_split(config.data, "val")
-  if split is None or not 0 < split.anomalous.sum() < len(split.source):
+  if split is None:
     return None
   acc = SampleScores(family, bg, make_coder(family, config))
   anomalous = []
@@ -331,11 +364,4 @@ def validation_auroc(family, variables, config: ml_collections.ConfigDict, mesh,
     acc.add(scored)
     anomalous.append(split.anomalous[scored.index[scored.valid]])
   scores = acc.result(config, state_lib.image_shape(config, spatial_ndim))
-  anomalous = np.concatenate(anomalous)
-  out = {}
-  for k, v in scores.items():
-    try:
-      out[k] = metrics.auroc(anomalous, v)
-    except DataError:  # non-finite scores of a diverged model
-      out[k] = None
-  return out
+  return ValidationScores(scores, np.concatenate(anomalous).astype(bool))

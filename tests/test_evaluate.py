@@ -70,6 +70,11 @@ def test_every_image_scored_once_on_1_and_8_devices(evaluated):
   one = evaluation.evaluate(workdir, config=config, split="test", devices=jax.devices()[:1])
   rows_one = _rows(os.path.join(workdir, "eval", "test", "scores.csv"))
   assert len(rows_one) == one["num_images"] == n
+  # The second pass over the same test images takes their code lengths from the cache.
+  first, second = eight["throughput"], one["throughput"]
+  assert first["images"] == second["images"] == n and second["images_per_s"] > 0
+  assert second["coder_cache_hits"] >= n  # (the first may find them too: one cache per worker)
+  assert "from the cache" in evaluation.headline_table(one).splitlines()[-1]
   for a, b in zip(rows_one, rows_eight):
     assert a["index"] == b["index"]
     for k in sample.SAMPLE_SCORES:
@@ -104,7 +109,30 @@ def test_metrics_json_has_every_section(evaluated):
   assert result["pixel"]["rec_error"]["auroc"] > 0.75
   assert result["pixel"]["combi"]["auroc"] > 0.7
   assert result["sample"]["vae_rec"]["all"]["auroc"] > 0.6
-  print(evaluation.headline_table(result))
+  for m in saved["pixel"].values():  # an ellipse per lesioned image: a region or more
+    assert 0.0 <= m["aupro"] <= 1.0 and m["lesion_regions"] >= saved["num_anomalous"]
+    for t in m["thresholds"].values():
+      assert 0 < t["dice_per_image"]["num_images"] <= saved["num_anomalous"]
+  assert result["pixel"]["rec_error"]["aupro"] > 0.5
+  # Image thresholds: the validation split has no anomaly, so no best F1, and the
+  # default is the family's first score at N sigma of the healthy validation scores.
+  section = saved["image_thresholds"]
+  num_val = len(pipeline.load_split(config.data, "val").source)
+  assert section["chosen_on"] == f"validation split: {num_val} images, 0 anomalous"
+  assert section["default"]["score"] == "vae" and section["default"]["rule"] == "n_sigma"
+  assert set(section["scores"]) == set(saved["sample"])
+  for rules in section["scores"].values():
+    assert set(rules) == {"n_sigma", "quantile"}
+    assert rules["quantile"]["tn"] + rules["quantile"]["fp"] == \
+        saved["num_images"] - saved["num_anomalous"]
+  chosen = json.load(open(os.path.join(workdir, "eval", "thresholds.json")))
+  assert chosen["default"] == section["default"] and chosen["step"] == saved["step"]
+  assert chosen["scores"]["vae"]["n_sigma"]["threshold"] == \
+      section["scores"]["vae"]["n_sigma"]["threshold"]
+  assert set(chosen["maps"]) == set(pixel.PIXEL_MAPS)
+  table = evaluation.headline_table(result)
+  assert "pxAUPRO" in table and "image threshold: vae >= " in table
+  print(table)
 
 
 def test_report_files_are_valid(evaluated):
@@ -426,8 +454,30 @@ def test_each_input_run_gets_a_new_folder(trained, tmp_path):
   assert _snapshot(os.path.join(workdir, first["folder"])) == kept  # not overwritten
   for result in (first, second):
     folder = os.path.join(workdir, result["folder"])
-    assert sorted(os.listdir(folder)) == ["metrics.json", "scores.csv", "scores.npz"]
-    assert json.load(open(os.path.join(folder, "metrics.json")))["num_images"] == 5
+    # maps saved by default: small, and what an --input run computes them for
+    assert sorted(os.listdir(folder)) == ["maps.npz", "metrics.json", "scores.csv",
+                                          "scores.npz"]
+    saved = json.load(open(os.path.join(folder, "metrics.json")))
+    assert saved["num_images"] == 5 and saved["maps"].startswith("saved in maps.npz")
+    assert np.load(os.path.join(folder, "maps.npz"))["rec_error"].shape == (5, 16, 16)
     assert result["input"] == str(path)
   metrics_path = os.path.join(workdir, "eval", "metrics.json")
   assert not os.path.exists(metrics_path) or "input" not in json.load(open(metrics_path))
+
+
+def test_maps_are_saved_by_default_when_cheap():
+  """Maps computed for the pixel metrics cost only disk to save; an --input run computes
+  them to save them; nothing beyond eval.max_saved_maps_mb; no maps without masks."""
+  from jaxad import defaults
+  e = defaults.get_config().eval
+  names = ("rec_error", "kl_grad")
+  plan = lambda n, **kw: evaluation.maps_plan(e, n, (64, 64), names, **kw)
+  assert plan(100, for_metrics=True, is_input=False)[:2] == (True, True)
+  assert plan(100, for_metrics=False, is_input=True)[:2] == (True, True)
+  assert plan(100, for_metrics=False, is_input=False)[:2] == (False, False)
+  too_many = int(e.max_saved_maps_mb * 2**20 / (64 * 64 * 2 * 4)) + 1
+  computed, saved, why = plan(too_many, for_metrics=True, is_input=False)
+  assert (computed, saved) == (True, False) and "max_saved_maps_mb" in why
+  assert plan(too_many, for_metrics=False, is_input=True)[:2] == (False, False)
+  e.save_maps = False
+  assert plan(100, for_metrics=True, is_input=False)[:2] == (True, False)

@@ -410,3 +410,249 @@ def test_pixel_bootstrap_resamples_images_and_groups():
   b = metrics.pixel_bootstrap(h, num_resamples=30, seed=0, groups=groups)
   assert a == b and set(a) == {"auroc", "auprc"}
   assert a["auroc"]["low"] != out["auroc"]["low"]
+
+
+# ------------------------------------------------- image thresholds against brute force
+
+
+def _brute_f1(labels, scores, t):
+  """F1 of `score >= t` by counting, float64."""
+  pred = scores >= t
+  tp = float(np.sum(pred & labels))
+  fp, fn = float(np.sum(pred & ~labels)), float(np.sum(~pred & labels))
+  return 2 * tp / (2 * tp + fp + fn)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_best_f1_threshold_is_the_brute_force_optimum(ties):
+  for seed in range(12):
+    labels, scores = random_problem(seed, n=40 + 7 * seed, ties=ties)
+    labels = labels.astype(bool)
+    candidates = np.unique(scores)  # every distinct score, increasing
+    f1 = np.array([_brute_f1(labels, scores, t) for t in candidates])
+    best = candidates[np.flatnonzero(f1 == f1.max())[-1]]  # ties: the highest threshold
+    t, got = metrics.best_f1_threshold(labels, scores)
+    assert got == pytest.approx(f1.max(), abs=1e-12)
+    assert t == best
+  with pytest.raises(DataError, match="at least one anomalous"):
+    metrics.best_f1_threshold([0, 0, 0], [0.1, 0.2, 0.3])
+
+
+def test_binary_metrics_count_by_hand():
+  labels, scores = random_problem(3, n=200, ties=True)
+  for t in (-np.inf, -0.5, 0.0, 0.3, 1.2, np.inf):
+    got = metrics.binary_metrics(labels, scores, t)
+    tp = fp = tn = fn = 0
+    for y, s in zip(labels, scores):  # one image at a time
+      if s >= t:
+        tp, fp = tp + (y == 1), fp + (y == 0)
+      else:
+        fn, tn = fn + (y == 1), tn + (y == 0)
+    assert (got["tp"], got["fp"], got["tn"], got["fn"]) == (tp, fp, tn, fn)
+    assert got["sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert got["specificity"] == pytest.approx(tn / (tn + fp))
+    if tp + fp:
+      assert got["precision"] == pytest.approx(tp / (tp + fp))
+      assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    else:  # nothing predicted: precision is 0/0
+      assert got["precision"] is None and got["f1"] == 0.0
+  healthy = metrics.binary_metrics([0, 0, 0], [0.1, 0.5, 0.9], 0.5)
+  assert healthy["sensitivity"] is None and healthy["specificity"] == pytest.approx(1 / 3)
+
+
+def test_nsigma_and_quantile_rules_against_brute_force():
+  rng = np.random.default_rng(5)
+  healthy = rng.gamma(2.0, 1.0, 57)
+  n = len(healthy)
+  mean = sum(healthy) / n
+  std = (sum((v - mean) ** 2 for v in healthy) / n) ** 0.5
+  rule = metrics.nsigma_rule(healthy, 2.5)
+  assert rule["mean"] == pytest.approx(mean, rel=1e-12)
+  assert rule["std"] == pytest.approx(std, rel=1e-12)
+  assert rule["threshold"] == pytest.approx(mean + 2.5 * std, rel=1e-12)
+  ordered = sorted(healthy)
+  for q in (0.5, 0.9, 0.95, 0.99):
+    position = q * (n - 1)  # linear interpolation between order statistics
+    low = int(position)
+    expected = ordered[low] + (position - low) * (ordered[low + 1] - ordered[low])
+    got = metrics.quantile_rule(healthy, q)
+    assert got == {"threshold": pytest.approx(expected, rel=1e-12), "quantile": q}
+    flagged = np.mean(healthy >= got["threshold"])
+    assert abs(flagged - (1 - q)) <= 1 / n + 1e-12
+  with pytest.raises(DataError, match="strictly between 0 and 1"):
+    metrics.quantile_rule(healthy, 1.0)
+
+
+def test_image_thresholds_rules_with_and_without_anomalies():
+  labels, scores = random_problem(8, n=120)
+  labels = labels.astype(bool)
+  out = metrics.image_thresholds(labels, scores, n_sigma=3.0, quantile=0.9)
+  assert list(out) == ["best_f1", "n_sigma", "quantile"]
+  assert (out["best_f1"]["threshold"], out["best_f1"]["val_f1"]) == \
+      metrics.best_f1_threshold(labels, scores)
+  assert out["n_sigma"] == metrics.nsigma_rule(scores[~labels], 3.0)  # healthy only
+  assert out["quantile"] == metrics.quantile_rule(scores[~labels], 0.9)
+  healthy_only = metrics.image_thresholds(np.zeros(50, bool), scores[:50])
+  assert list(healthy_only) == ["n_sigma", "quantile"]
+  with pytest.raises(DataError, match="needs normal"):
+    metrics.image_thresholds(np.ones(5, bool), scores[:5])
+
+
+# ------------------------------------------------------ AUPRO against brute force
+
+
+def _regions_by_flood_fill(mask):
+  """Region id (1..R) of every lesion pixel of one image or volume, face neighbours."""
+  ids = np.zeros(mask.shape, np.int64)
+  count = 0
+  for start in zip(*np.nonzero(mask)):
+    if ids[start]:
+      continue
+    count += 1
+    ids[start], stack = count, [start]
+    while stack:
+      p = stack.pop()
+      for axis in range(mask.ndim):
+        for step in (-1, 1):
+          q = list(p)
+          q[axis] += step
+          q = tuple(q)
+          if 0 <= q[axis] < mask.shape[axis] and mask[q] and not ids[q]:
+            ids[q] = count
+            stack.append(q)
+  return ids, count
+
+
+def _brute_aupro(maps, masks, max_fpr=0.3):
+  """MVTec AD's AUPRO: sort every pixel value, sweep the thresholds from the top, PRO as
+  the mean over regions of each region's fraction at or above, trapezoids to max_fpr."""
+  region, offset = np.zeros(maps.shape, np.int64), 0
+  for i in range(len(maps)):  # each image's regions on their own
+    ids, count = _regions_by_flood_fill(masks[i])
+    region[i] = np.where(ids > 0, ids + offset, 0)
+    offset += count
+  values, region = maps.ravel().astype(np.float64), region.ravel()
+  sizes = np.bincount(region, minlength=offset + 1)[1:]
+  normal = region == 0
+  fpr, pro = [0.0], [0.0]
+  for t in np.unique(values)[::-1]:
+    above = values >= t
+    fpr.append(np.sum(above & normal) / np.sum(normal))
+    pro.append(np.mean(np.bincount(region[above], minlength=offset + 1)[1:] / sizes))
+    if fpr[-1] > max_fpr:
+      break
+  area = 0.0
+  for k in range(1, len(fpr)):
+    x0, x1, y0, y1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+    if x1 > max_fpr:  # the last trapezoid ends at max_fpr, pro interpolated there
+      y1, x1 = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0), max_fpr
+    area += (x1 - x0) * (y0 + y1) / 2
+  return area / max_fpr
+
+
+def _blob_masks(rng, shape, num_images, max_blobs=3):
+  """Masks with 0..max_blobs boxes per image (some touching, so regions merge)."""
+  masks = np.zeros((num_images, *shape), bool)
+  for i in range(num_images):
+    for _ in range(rng.integers(0, max_blobs + 1)):
+      corner = [rng.integers(0, s - 1) for s in shape]
+      extent = [rng.integers(1, max(2, s // 3)) for s in shape]
+      masks[(i, *(slice(c, c + e) for c, e in zip(corner, extent)))] = True
+  masks[0, (0,) * len(shape)] = True  # at least one region
+  return masks
+
+
+def _stream(curve, maps, masks, batch=5):
+  """Updates curve batch by batch, each batch padded with junk marked invalid."""
+  for start in range(0, len(maps), batch):
+    m, k = maps[start:start + batch], masks[start:start + batch]
+    pad = batch - len(m)
+    curve.update(np.concatenate([m, np.full((pad, *m.shape[1:]), 1e3)]),
+                 np.concatenate([k, np.ones((pad, *k.shape[1:]), bool)]),
+                 np.arange(batch) < len(m))
+  return curve
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (6, 7, 5)], ids=["2d", "3d"])
+def test_streaming_aupro_matches_the_brute_force_sweep(shape):
+  rng = np.random.default_rng(len(shape))
+  masks = _blob_masks(rng, shape, 14)
+  num_bins, value_range = 64, (0.0, 4.0)
+  width = 4.0 / num_bins
+  # Values on bin centres: the bins lose nothing, so streaming is exact.
+  centres = (rng.integers(0, num_bins, masks.shape) + 0.5) * width
+  centres = np.where(masks, np.minimum(centres + 1.0, 4.0 - width / 2), centres)
+  curve = _stream(metrics.PixelCurve(num_bins, value_range, regions=True), centres, masks)
+  reference = _brute_aupro(centres, masks)
+  assert 0.3 < reference < 0.99
+  assert curve.aupro() == pytest.approx(reference, abs=1e-12)
+  assert curve.num_regions == sum(_regions_by_flood_fill(m)[1] for m in masks)
+  assert metrics.aupro(centres, masks) == pytest.approx(reference, abs=1e-12)  # exact mode
+  # Any values: exact mode is the brute force; the bins tie the values of each bin, so
+  # streaming is the brute force of the binned values, within the binning error of it.
+  maps = rng.gamma(2.0, 0.3, masks.shape) + 0.6 * masks
+  exact = _brute_aupro(maps, masks)
+  assert metrics.aupro(maps, masks) == pytest.approx(exact, abs=1e-12)
+  streamed = _stream(metrics.PixelCurve(num_bins, value_range, regions=True), maps, masks)
+  binned = np.floor(np.clip(maps, 0, 4.0 - 1e-9) / width)
+  assert streamed.aupro() == pytest.approx(_brute_aupro(binned, masks), abs=1e-12)
+  assert streamed.aupro() == pytest.approx(exact, abs=0.03)
+  fine = _stream(metrics.PixelCurve(4096, value_range, regions=True), maps, masks)
+  assert abs(fine.aupro() - exact) < abs(streamed.aupro() - exact) + 1e-3
+
+
+def test_aupro_extremes_and_errors():
+  rng = np.random.default_rng(0)
+  masks = _blob_masks(rng, (10, 10), 8)
+  perfect = metrics.aupro(masks + 0.1 * rng.random(masks.shape), masks)
+  assert perfect == pytest.approx(1.0, abs=1e-12)
+  noise = rng.random((400, 10, 10))
+  masks = np.zeros(noise.shape, bool)
+  masks[:, 2:5, 2:5] = True
+  assert metrics.aupro(noise, masks) == pytest.approx(0.15, abs=0.01)  # chance: PRO = FPR
+  with pytest.raises(DataError, match="regions=True"):
+    metrics.PixelCurve().aupro()
+  curve = metrics.PixelCurve(16, (0.0, 1.0), regions=True)
+  curve.update(noise[:2], np.zeros((2, 10, 10), bool))
+  with pytest.raises(DataError, match="0 regions"):
+    curve.aupro()
+  with pytest.raises(DataError, match="max_fpr"):
+    metrics.aupro(noise[:2], masks[:2], max_fpr=0.0)
+
+
+def test_pixel_curve_memory_with_regions_is_flat():
+  maps, masks = synthetic_maps(2, n=24)
+  curve = metrics.PixelCurve(num_bins=1000, regions=True)
+  for i in range(0, 24, 4):
+    curve.update(maps[i:i + 4], masks[i:i + 4])
+    assert {k: v.size for k, v in vars(curve).items() if isinstance(v, np.ndarray)} == \
+        {"_counts": 2000, "_pro": 1000}
+  assert curve._pro.sum() == pytest.approx(curve.num_regions, rel=1e-12)
+
+
+def test_per_image_dice_against_brute_force():
+  rng = np.random.default_rng(11)
+  num_bins, value_range = 50, (0.0, 1.0)
+  masks = _blob_masks(rng, (9, 9), 30)
+  masks[5] = False  # an image without lesion pixels: not counted
+  maps = (rng.integers(0, num_bins, masks.shape) + 0.5) / num_bins  # bin centres
+  maps = np.where(masks, np.minimum(maps + 0.3, 0.99), maps)
+  h = metrics.image_histograms(maps, masks, value_range, num_bins)
+  subset = rng.random(30) < 0.7
+  for t in (0.02, 0.3, 0.52, 0.8, 2.0):  # bin edges (and beyond): no binning error
+    for images in (None, subset):
+      dices = []
+      for i in range(30):
+        if masks[i].any() and (images is None or images[i]):
+          pred = maps[i] >= t
+          dices.append(2 * np.sum(pred & masks[i]) / (pred.sum() + masks[i].sum()))
+      got = metrics.per_image_dice(h, t, images)
+      assert got["num_images"] == len(dices)
+      assert got["mean"] == pytest.approx(np.mean(dices), abs=1e-12)
+      assert got["median"] == pytest.approx(np.median(dices), abs=1e-12)
+  curve = metrics.PixelCurve(num_bins, value_range)
+  curve.update(maps, masks)
+  pooled = curve.overlap_at(0.52)["dice"]  # the pooled Dice is a different number
+  assert pooled == pytest.approx(metrics.dice(maps >= 0.52, masks), abs=1e-12)
+  assert metrics.per_image_dice(h, 0.5, np.zeros(30, bool)) == {
+      "mean": None, "median": None, "num_images": 0}

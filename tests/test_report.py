@@ -37,6 +37,16 @@ def fake_metrics(class_names, anomalous, scores, pixel=True):
          "bootstrap": {"vae": metrics_lib.bootstrap(
              metrics_lib.auroc, anomalous, scores["vae"], num_resamples=10,
              stratify=anomalous)}}
+  labels = np.asarray(anomalous, bool)
+  out["image_thresholds"] = {  # the layout jaxad.evaluation writes
+      "chosen_on": "validation split: 50 images, 5 anomalous",
+      "evaluated_on": f"test split: {len(labels)} images, {int(labels.sum())} anomalous",
+      "default": {"score": "vae", "rule": "best_f1", "why": "best validation AUROC"},
+      "scores": {name: {rule: {**extra, **metrics_lib.binary_metrics(labels, values, t)}
+                        for rule, t, extra in (("best_f1", 0.4, {"val_f1": 0.61}),
+                                               ("n_sigma", 2.5, {"n_sigma": 3.0}))}
+                 for name, values in scores.items()}}
+  out["image_thresholds"]["scores"]["broken"] = {"error": "no threshold for broken: NaN"}
   if pixel:
     out["pixel"] = {  # the layout jaxad.evaluation writes
         name: {"auroc": 0.81234, "auprc": 0.4, "clipped_pixels": 0,
@@ -110,6 +120,14 @@ def test_full_report(tmp_path):
   assert "grad_elbo, thresholds.n_sigma.chosen_on" in page
   assert not re.search(r"<td>[^<]*chosen|<td>[^<]*calibration split", page)
   assert f"{metrics['logistic_regression']['vae']['auroc']:.3f}" in page
+  # Image thresholds: one row per score and rule, the default starred, errors listed.
+  assert "Image-level thresholds" in page and "validation split: 50 images" in page
+  assert page.count("★ vae / best_f1") == 1 and "<th>Recon MSE/2 / n_sigma</th>" in page
+  row = metrics["image_thresholds"]["scores"]["iwae_rec"]["best_f1"]
+  cells = re.search(r"<th>iwae_rec / best_f1</th>(.*?)</tr>", page).group(1)
+  assert re.findall(r"<td>(.*?)</td>", cells) == [
+      report.format_value(row[k]) for k, _ in report.THRESHOLD_COLUMNS]
+  assert "no threshold for broken: NaN" in page
   sources = image_sources(page)
   assert len(sources) == 2 * len(SCORES) + 2  # ROC + density per score, 2 example grids
   assert "figures/roc_recon_mse_2.png" in sources
