@@ -19,7 +19,6 @@ and reports `<score>_llr` for every likelihood score, in bits per dimension.
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 SUBDIR = "background"  # WORKDIR/background holds its checkpoints and config.json
 PREFIX = "background_"  # its raw scores, while the eval binary gathers them
@@ -62,5 +61,4 @@ def mutate(images: jax.Array, rng: jax.Array, rate: float, bit_depth: int) -> ja
 
 def llr_scores(model_bpd: dict, background_bpd: dict) -> dict:
   """`<score>_llr` = bpd(x) − bpd_bg(x) = (−log₂ p(x) + log₂ p_bg(x))/D per score."""
-  return {f"{k}_llr": np.asarray(v, np.float64) - np.asarray(background_bpd[k], np.float64)
-          for k, v in model_bpd.items()}
+  return {f"{k}_llr": v - background_bpd[k] for k, v in model_bpd.items()}

@@ -255,6 +255,12 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise CheckpointError(f"{path} not found: {workdir} is not a training workdir "
                           "(train first: python -m jaxad.train --workdir=...)")
+  return from_dict(files.read_json(path))
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """A saved (JSON) config on top of today's defaults: new keys keep their defaults,
+  lists become the tuples configs hold, keys this version no longer has are dropped."""
   config = defaults.get_config()
-  _merge(config, files.read_json(path))
+  _merge(config, saved)
   return config

@@ -127,6 +127,10 @@ def eval_params(state: TrainState):
   return state.ema_params if state.ema_params else state.params
 
 
+# WORKDIR/model.json, written by the trainer: the spatial rank and image shape of the
+# model the checkpoints hold (jaxad.scorer restores from it without reading any data).
+MODEL_JSON = "model.json"
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """What evaluation needs of a workdir's latest checkpoint."""

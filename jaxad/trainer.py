@@ -215,6 +215,9 @@ def _setup(config, workdir: str, devices) -> tuple[_Run, TrainState]:
              device_data.wanted(config.data, (train_split, val_split), mesh))
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+    files.write_json(os.path.join(workdir, state_lib.MODEL_JSON),  # what restoring it needs to know
+                     {"spatial_ndim": ndim,
+                      "image_shape": list(state_lib.image_shape(config, ndim))})
   args = (family, tx, state_lib.image_shape(config, ndim), config.seed, mesh, bool(t.ema_rate))
   if run.ckpt.latest_step() is None:
     return run, state_lib.create_state(*args)

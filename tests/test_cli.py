@@ -1,8 +1,10 @@
 """The binaries' shared edge: help without other flags, one-line errors, no tracebacks."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 from absl import app
@@ -22,11 +24,17 @@ def _cli(binary, *args):
 @pytest.mark.parametrize("binary,flag", [("jaxad.train", "--help"),
                                          ("jaxad.evaluate", "-h"),
                                          ("jaxad.grid", "--help"),
-                                         ("jaxad.bench", "--help")])
+                                         ("jaxad.bench", "--help"),
+                                         ("jaxad.export", "--help"),
+                                         ("jaxad.predict", "-h"),
+                                         ("jaxad.data.prepare", "--help")])
 def test_help_needs_no_other_flag(binary, flag):
   out = _cli(binary, flag)
   assert out.returncode == 0, out.stderr[-2000:]
-  expected = ("--case",) if binary == "jaxad.bench" else ("--workdir", "--config")
+  expected = {"jaxad.bench": ("--case",), "jaxad.export": ("--workdir", "--platforms"),
+              "jaxad.predict": ("--workdir", "--scorer", "--input"),
+              "jaxad.data.prepare": ("--dataset", "--src", "--out")}.get(
+                  binary, ("--workdir", "--config"))
   assert all(flag in out.stdout for flag in expected), out.stdout[-2000:]
   assert "Traceback" not in out.stderr
 
@@ -63,3 +71,34 @@ def test_help_requested_and_check_no_args():
   cli.check_no_args(["prog"])
   with pytest.raises(app.UsageError, match="extra"):
     cli.check_no_args(["prog", "extra"])
+
+
+def test_jaxad_command_runs_each_binary_with_its_own_flags():
+  out = _cli("jaxad", "--help")
+  assert out.returncode == 0, out.stderr[-2000:]
+  from jaxad.__main__ import COMMANDS
+  assert all(f"  {name}" in out.stdout for name in COMMANDS)
+  out = _cli("jaxad", "evaluate", "-h")  # the evaluate module's own help, exit 0
+  assert out.returncode == 0 and "--workdir" in out.stdout, out.stderr[-2000:]
+  out = _cli("jaxad", "evalute")
+  assert out.returncode == 1 and out.stderr.startswith("error: unknown command 'evalute'")
+  for module, _ in COMMANDS.values():  # every command names a module that exists
+    assert importlib.util.find_spec(module) is not None, module
+
+
+def test_console_script_is_declared():
+  project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+  assert project["scripts"]["jaxad"] == "jaxad.__main__:main"
+
+
+def test_importing_the_pipeline_prints_nothing():
+  """TensorFlow's start-up lines (INFO logs, the oneDNN notice) are silenced by jaxad
+  itself, not only by variables the user must know to set."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+  out = subprocess.run(
+      [sys.executable, "-c", "import jaxad.data.pipeline as p, tensorflow as tf; "
+       "tf.image.resize(tf.zeros((1, 4, 4, 1)), (8, 8)).numpy()"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stderr.strip() == "", out.stderr[-2000:]
