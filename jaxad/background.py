@@ -45,6 +45,7 @@ def background_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
     d.source, d.name, d.path = b.source, b.name, b.path
     d.normal_classes, d.anomalous_classes = ("*",), ()  # every image of it
     d.train_split, d.val_split, d.val_fraction = "train", "", 0.0
+    d.val_anomaly_fraction = 0.0  # a generic dataset: no validation, nothing to move
     bg.train.plateau_patience = bg.train.early_stop_patience = 0  # no validation split
   return bg
 

@@ -34,8 +34,8 @@ RESUME_MAY_CHANGE = (
 EVAL_MAY_CHANGE = (
     "eval", "data.path", "data.image_dir", "data.mask_dir", "data.data_dir",
     "data.check_files", "data.check_files_max", "data.train_split", "data.val_split",
-    "data.test_split", "data.val_fraction", "data.synthetic_lesions", "data.on_device",
-    "data.on_device_fraction",
+    "data.test_split", "data.val_fraction", "data.val_anomaly_fraction",
+    "data.synthetic_lesions", "data.on_device", "data.on_device_fraction",
     "background.enabled", "background.path", "train.progress_bar")
 
 
@@ -115,6 +115,14 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
                       "PNG/JPEG/uint8 images, 16 for 16-bit, 12 for 12-bit CT)")
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+  if not 0.0 <= d.val_anomaly_fraction < 1.0:
+    raise ConfigError(f"data.val_anomaly_fraction={d.val_anomaly_fraction} must be in "
+                      "[0, 1) (0 = off)")
+  if d.val_anomaly_fraction > 0 and not d.val_split and d.val_fraction <= 0:
+    raise ConfigError(f"data.val_anomaly_fraction={d.val_anomaly_fraction} moves "
+                      "anomalous test images into the validation split, but there is "
+                      "none: set data.val_split, or data.val_split='' and "
+                      "data.val_fraction > 0")
 
 
 def _validate_background(config: ml_collections.ConfigDict) -> None:

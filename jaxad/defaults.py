@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.val_split = "val"  # "" = hold val_fraction of the train split out
   d.test_split = "test"
   d.val_fraction = 0.0  # used only when val_split is "".
+  d.val_anomaly_fraction = 0.0  # > 0: when the validation split has no anomalous image,
+  # move this part of the test split's anomalous images (whole patients with
+  # group_column) into it, out of test, so scores and thresholds are chosen on labelled
+  # anomalies without touching the test split. 0 = off.
   d.on_device = "auto"  # keep the preprocessed train/val images on the devices:
   # auto (when they fit in data.on_device_fraction of device memory) | true | false.
   d.on_device_fraction = 0.25

@@ -1,6 +1,7 @@
 """Data sources: labels, ids, dtypes, masks, held-out splits and error messages."""
 
 import csv
+import dataclasses
 import os
 import struct
 import zlib
@@ -639,3 +640,39 @@ def test_npz_float_blocks_cover_every_image_once_and_follow_subsets(tmp_path):
   uint8 = _npz(tmp_path / "u.npz", train_images=np.zeros((2, 4, 4), np.uint8),
                train_labels=np.zeros(2, np.uint8))
   assert sources.get_source(uint8, "train").blocks is None  # nothing to check
+
+
+def test_concatenate_joins_two_splits_of_one_dataset(tmp_path):
+  """base.concatenate (validation + anomalies moved from test): reader, ids, labels,
+  masks and the pixel-check blocks of both parts, in order."""
+  rng = np.random.default_rng(1)
+  data = _npz(tmp_path / "f.npz", val_images=rng.random((5, 4, 4)).astype(np.float32),
+              val_labels=np.zeros(5, np.uint8),
+              test_images=rng.random((7, 4, 4)).astype(np.float32),
+              test_labels=np.arange(7, dtype=np.uint8) % 2,
+              test_masks=np.ones((7, 4, 4), np.uint8))
+  val, test = sources.get_source(data, "val"), sources.get_source(data, "test")
+  part = test.subset([6, 1, 3])
+  joined = sources.base.concatenate(val, part, "joined")
+  assert len(joined) == 8 and joined.name == "joined" and joined.groups is None
+  assert list(joined.ids) == [*(f"val/{i}" for i in range(5)), "test/6", "test/1", "test/3"]
+  np.testing.assert_array_equal(joined.labels, [0] * 5 + [0, 1, 1])
+  assert joined.labels.dtype == np.int32 and not joined.has_masks  # val has none
+  for i, (source, j) in enumerate([(val, k) for k in range(5)] + [(part, k) for k in range(3)]):
+    np.testing.assert_array_equal(joined.read(i)[0], source.read(j)[0])
+  seen = {}
+  for indices, block in joined.blocks():
+    seen.update(zip(indices.tolist(), block))
+  assert sorted(seen) == list(range(8))
+  for i in range(8):
+    np.testing.assert_array_equal(seen[i], joined.read(i)[0])
+  with pytest.raises(DataError, match="out of range"):
+    joined.read(8)
+  both = sources.base.concatenate(test.subset([0]), part, "both")  # masks on each side
+  assert both.has_masks and both.read(2)[1].shape == (4, 4, 1) and both.read(2)[1].all()
+  other = dataclasses.replace(part, class_names=("a", "b", "c"))
+  with pytest.raises(DataError, match="must come from one dataset"):
+    sources.base.concatenate(val, other, "x")
+  grouped = dataclasses.replace(part, groups=np.array(["p", "q", "p"]))
+  with pytest.raises(DataError, match="only one has groups.*data.group_column"):
+    sources.base.concatenate(val, grouped, "x")

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from jaxad.data import sources
+from jaxad.data.sources import base as source_base
 from jaxad.errors import ConfigError, DataError
 
 log = logging.getLogger("jaxad")
@@ -64,18 +65,7 @@ class Split:
 
 def normal_labels(source: sources.Source, data: ml_collections.ConfigDict) -> np.ndarray:
   """Resolves data.normal_classes / data.anomalous_classes to normal label ints."""
-  normal, anomalous = tuple(data.normal_classes), tuple(data.anomalous_classes)
-  if normal == ("*",) and not anomalous:  # every class (a generic background dataset)
-    return np.arange(len(source.class_names))
-  if bool(normal) == bool(anomalous):
-    raise ConfigError(
-        "set exactly one of data.normal_classes and data.anomalous_classes "
-        f"(got {normal!r} and {anomalous!r}); classes of {source.name}: "
-        f"{list(source.class_names)}")
-  if normal:
-    return np.unique(sources.resolve_classes(source, normal))
-  all_labels = np.arange(len(source.class_names))
-  return np.setdiff1d(all_labels, sources.resolve_classes(source, anomalous))
+  return source_base.normal_labels(source, data.normal_classes, data.anomalous_classes)
 
 
 def load_split(data: ml_collections.ConfigDict, role: str) -> Split | None:

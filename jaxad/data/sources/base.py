@@ -2,10 +2,13 @@
 
 A split is metadata in memory (labels, ids, groups) plus a reader that decodes one
 example on demand. Split names, held-out validation examples and configured classes
-are resolved here, once, so every source treats them the same way.
+are resolved here, once, so every source treats them the same way; so are the
+labelled anomalies data.val_anomaly_fraction moves from the test split into
+validation (`with_val_anomalies`, joined to it by `concatenate`).
 """
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 
@@ -14,6 +17,7 @@ import numpy as np
 from jaxad.data import splits
 from jaxad.errors import ConfigError, DataError
 
+log = logging.getLogger("jaxad")
 ROLES = ("train", "val", "test")
 VAL_SEED = 0  # the held-out validation set never depends on the training seed
 
@@ -106,6 +110,96 @@ def held_out_indices(n: int, fraction: float, name: str = "the train split",
                     f"{fraction} for validation leaves none to train on; lower "
                     "data.val_fraction or set data.val_split")
   return splits.held_out(n, fraction, VAL_SEED, groups)
+
+
+def concatenate(a: Source, b: Source, name: str) -> Source:
+  """`a`'s examples then `b`'s as one Source (example i of `b` becomes len(a) + i).
+
+  Both must be splits of one dataset: the same class names and spatial rank, groups in
+  both or in neither. Masks are kept where both parts have them; the pixel-check
+  blocks of either part are chained; file-backed if either part is.
+  """
+  if a.class_names != b.class_names or a.spatial_ndim != b.spatial_ndim:
+    raise DataError(f"cannot join {a.name} (classes {list(a.class_names)}, "
+                    f"{a.spatial_ndim}D) and {b.name} (classes {list(b.class_names)}, "
+                    f"{b.spatial_ndim}D): their splits must come from one dataset")
+  if (a.groups is None) != (b.groups is None):
+    raise DataError(f"cannot join {a.name} and {b.name}: only one has groups "
+                    "(data.group_column): give every split the group column")
+  n, a_read, b_read = len(a), a.reader, b.reader
+  parts = [(offset, p.blocks) for offset, p in ((0, a), (n, b)) if p.blocks is not None]
+
+  def blocks():
+    for offset, part in parts:
+      for indices, images in part():
+        yield indices + offset, images
+
+  return Source(
+      name=name, class_names=a.class_names,
+      labels=np.concatenate([a.labels, b.labels]).astype(np.int32),
+      ids=np.concatenate([a.ids, b.ids]),
+      groups=None if a.groups is None else np.concatenate([a.groups, b.groups]),
+      has_masks=a.has_masks and b.has_masks, spatial_ndim=a.spatial_ndim,
+      reader=lambda i: a_read(i) if i < n else b_read(i - n),
+      from_files=a.from_files or b.from_files, blocks=blocks if parts else None)
+
+
+def with_val_anomalies(val: Source, load_test: Callable[[], Source], normal,
+                       fraction: float, test_split: str) -> tuple[Source, Source | None]:
+  """(validation, test) with labelled anomalies in validation (data.val_anomaly_fraction).
+
+  A validation split that already has anomalous images is kept, and the test split is
+  not loaded (None). Otherwise `splits.moved_anomalies` picks about `fraction` of the
+  test split's anomalous images (whole patients where it has groups) with VAL_SEED;
+  they join the validation split, their ids qualified by `test_split`, and leave the
+  test split. No batch size or device count enters, so every caller gets the same two.
+  """
+  if not 0 < fraction < 1:
+    raise ConfigError(f"data.val_anomaly_fraction={fraction} must be in [0, 1) (0 = off; "
+                      "0.1–0.5 is usual)")
+  val_anomalous = int(np.count_nonzero(~np.isin(val.labels, normal)))
+  if val_anomalous:
+    log.info("data.val_anomaly_fraction=%g: the validation split %s already has %d "
+             "anomalous images of %d; none moved from the test split", fraction,
+             val.name, val_anomalous, len(val))
+    return val, None
+  test = load_test()
+  anomalous = ~np.isin(test.labels, normal)
+  moved = splits.moved_anomalies(anomalous, fraction, VAL_SEED, test.groups)
+  part = test.subset(moved)
+  part = dataclasses.replace(part, ids=_qualified(part.ids, test_split))
+  what = f"{int(anomalous[moved].sum())} of the {int(anomalous.sum())} anomalous images"
+  if len(moved) > anomalous[moved].sum():
+    what += f" (and the {int((~anomalous[moved]).sum())} normal images of their patients)"
+  log.info("data.val_anomaly_fraction=%g: moved %s of %s into validation", fraction,
+           what, test.name)
+  return (concatenate(val, part, f"{val.name} + {len(moved)} from {test.name}"),
+          test.subset(np.setdiff1d(np.arange(len(test)), moved),
+                      f"{test.name} minus {len(moved)} moved to val"))
+
+
+def _qualified(ids: np.ndarray, split: str) -> np.ndarray:
+  """Ids that name their split: f"{split}/{id}" unless every id already starts so."""
+  prefix = f"{split}/"
+  if all(str(i).startswith(prefix) for i in ids):
+    return ids
+  return str_array([prefix + str(i) for i in ids])
+
+
+def normal_labels(source: Source, normal_classes, anomalous_classes) -> np.ndarray:
+  """data.normal_classes / data.anomalous_classes → the sorted normal label ints."""
+  normal, anomalous = tuple(normal_classes), tuple(anomalous_classes)
+  if normal == ("*",) and not anomalous:  # every class (a generic background dataset)
+    return np.arange(len(source.class_names))
+  if bool(normal) == bool(anomalous):
+    raise ConfigError(
+        "set exactly one of data.normal_classes and data.anomalous_classes "
+        f"(got {normal!r} and {anomalous!r}); classes of {source.name}: "
+        f"{list(source.class_names)}")
+  if normal:
+    return np.unique(resolve_classes(source, normal))
+  all_labels = np.arange(len(source.class_names))
+  return np.setdiff1d(all_labels, resolve_classes(source, anomalous))
 
 
 def sorted_class_names(names) -> tuple[str, ...]:
