@@ -98,11 +98,13 @@ EVAL_NOTE = ("evaluation.evaluate on the test split, the fastest of the runs aft
 def mnist_vae_config() -> ml_collections.ConfigDict:
   """configs/mnist_vae.py."""
   c = defaults.get_config()
-  c.data.source = "tfds"
+  c.data.source = "npz"
+  c.data.path = "mnist.npz"
   c.data.name = "mnist"
   c.data.train_split = "train"
-  c.data.val_split = ""
-  c.data.val_fraction = 0.1
+  c.data.val_split = "val"
+  c.data.val_fraction = 0.0
+  c.data.val_anomaly_fraction = 0.0
   c.data.test_split = "test"
   c.data.anomalous_classes = (9,)
   c.data.image_size = 32
