@@ -126,6 +126,17 @@ def get_config() -> ml_collections.ConfigDict:
       steps=50,  # RK4 steps of the probability-flow ODE from t_eps to 1
       probes=1,  # Rademacher probes of the Hutchinson trace estimator
       levels=256))  # intensity levels for dequantisation (0 = continuous data)
+  e.regret = ml_collections.ConfigDict(dict(  # vae: Likelihood Regret (Xiao et al. 2020)
+      enabled=False,  # add vae_regret (nats): the bound's gain when q(z|x) is fitted to
+      # the image alone (jaxad.scores.regret; each image costs `steps` extra passes)
+      target="encoder",  # encoder: every encoder weight, per image (the paper) |
+      # posterior: q(z|x)'s (mu, logvar) only (cheaper)
+      steps=100,  # Adam steps per image (the paper: 100)
+      learning_rate=0.0,  # Adam; 0 = the target's default: 1e-4 encoder (the paper),
+      # 1e-2 posterior
+      samples_per_step=1,  # z samples in each step's −ELBO (the paper: 1)
+      num_samples=15,  # L: the same L draws of eps give the bound before and after
+      bound="elbo"))  # elbo (what the steps optimise) | iwae (the paper's −log p(x))
   e.complexity = True  # Serrà et al.: jpegxl_bpd, png_bpd and S = bpd − L(x)/D of every
   # likelihood score (vae_complexity, iwae_complexity, prob_flow_complexity, *_png)
   e.complexity_cache = "auto"  # code lengths cached by image content and coder settings,
