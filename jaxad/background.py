@@ -40,6 +40,7 @@ def background_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
   m.base_width = max(1, int(round(m.base_width * f)))
   m.unet.base_width = max(1, int(round(m.unet.base_width * f)))
   bg.train.mutation_rate = float(b.mutation_rate)
+  bg.eval.regret.enabled = False  # its scores feed only *_llr: no regret pass for it
   if b.source:
     d = bg.data
     d.source, d.name, d.path = b.source, b.name, b.path
