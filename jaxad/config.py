@@ -17,6 +17,9 @@ from jaxad.errors import CheckpointError, ConfigError
 
 MODEL_NAMES = {"vae": ("conv_vae", "mlp_vae"), "score": ("unet",),
                "gan": ("dcgan", "wgan_gp")}
+# jaxad.objectives.likelihood.KINDS, spelled out so that checking a config imports no
+# JAX (tests/test_decoders.py checks that the two agree).
+LIKELIHOODS = ("gaussian", "bernoulli", "gaussian_learned", "discretized_logistic")
 # What may differ when a workdir's training resumes: how long and how often, where the
 # same data lives, and what only the eval binary reads. Any other difference would
 # continue a checkpoint under a config it was not trained with. The background model is
@@ -57,7 +60,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(m.family, tuple(MODEL_NAMES), "model.family")
   _choice(m.name, MODEL_NAMES[m.family], "model.name")
   if m.family == "vae":
-    _choice(m.likelihood, ("gaussian", "bernoulli"), "model.likelihood")
+    _validate_likelihood(m)
+    if config.eval.regret.enabled:  # bad eval.regret.* keys fail before anything compiles
+      from jaxad.scores import regret
+      regret.settings_from_config(config.eval)
     _positive(m.beta, "model.beta")
     _positive(m.latent_dim, "model.latent_dim")
   if m.family == "score":
@@ -86,6 +92,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= t.ema_rate < 1.0:
     raise ConfigError(f"train.ema_rate={t.ema_rate} must be in [0, 1) (0 turns it off; "
                       "0.999 or 0.9999 are usual)")
+
+
+def _validate_likelihood(m: ml_collections.ConfigDict) -> None:
+  _choice(m.likelihood, LIKELIHOODS, "model.likelihood")
+  k = m.likelihood_mixtures
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"model.likelihood_mixtures={k!r} must be an int >= 1 (logistics "
+                      "per value; 1 = the plain discretised logistic)")
+  if k > 1 and m.likelihood != "discretized_logistic":
+    raise ConfigError(f"model.likelihood_mixtures={k} needs model.likelihood="
+                      f"'discretized_logistic' (got {m.likelihood!r}): set "
+                      "--config.model.likelihood_mixtures=1")
 
 
 def _validate_data(d: ml_collections.ConfigDict) -> None:

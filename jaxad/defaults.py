@@ -70,8 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
   m.decoder_activation = "relu"
   m.hidden = (400, 400, 400)  # mlp: hidden layer sizes.
   m.activation = "relu"  # mlp: activation of the hidden layers.
-  m.likelihood = "gaussian"  # gaussian: N(g(z), beta/2 I); bernoulli: logits.
-  m.beta = 0.01  # loss = SSE + beta·KL = beta·(−ELBO) + const (Lu & Xu).
+  m.likelihood = "gaussian"  # gaussian: N(g(z), beta/2 I); bernoulli: logits;
+  # gaussian_learned: a mean and a variance per value (AE-U); discretized_logistic:
+  # PixelCNN++'s logistic (mixture) on the 2^data.bit_depth levels, −ELBO in the image's bits.
+  m.likelihood_mixtures = 1  # discretized_logistic: K logistics per value (1 = plain).
+  m.beta = 0.01  # gaussian: loss = SSE + beta·KL = beta·(−ELBO) + const (Lu & Xu);
+  # the other likelihoods: loss = −log p(x|z) + beta·KL (beta = 1: the −ELBO).
   m.unet = ml_collections.ConfigDict(dict(  # score: DDPM ε-prediction U-Net
       base_width=64,  # channels of the first level; time embedding 4× this.
       channel_mult=(1, 2, 2, 2),  # width multiplier per level (one stride-2 step between).

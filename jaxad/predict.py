@@ -111,12 +111,14 @@ def choose_threshold(thresholds: dict, score_names, *, score: str | None = None,
 
 
 def default_map(score: str, map_names) -> str | None:
-  """The map that goes with `score`: kl_grad for KL scores, else rec_error, else the
-  family's first map (sano, gan_residual)."""
+  """The map that goes with `score`: kl_grad for KL scores, rec_normalized for AE-U's
+  vae_rec_normalized, else rec_error, else the family's first map (sano, gan_residual)."""
   if not map_names:
     return None
   if "_kl" in score and "kl_grad" in map_names:
     return "kl_grad"
+  if score.endswith("_normalized") and "rec_normalized" in map_names:  # AE-U
+    return "rec_normalized"
   return "rec_error" if "rec_error" in map_names else map_names[0]
 
 

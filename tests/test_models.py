@@ -202,3 +202,41 @@ def test_build_model_errors():
     vae.build_model(model_config(widths=()), (48, 48, 1))
   with pytest.raises(ConfigError, match="model.latent_dim"):
     vae.build_model(model_config(latent_dim=0), (16, 16, 1))
+
+
+@pytest.mark.parametrize("likelihood, mixtures, p", [
+    ("gaussian_learned", 1, 2), ("discretized_logistic", 1, 2), ("discretized_logistic", 3, 9)])
+@pytest.mark.parametrize("name, image_shape", [
+    ("conv_vae", (16, 16, 3)), ("conv_vae", (16, 16, 16, 1)), ("mlp_vae", (8, 8, 2))])
+def test_decoder_outputs_the_likelihoods_parameters_per_value(likelihood, mixtures, p, name,
+                                                              image_shape):
+  """build_model sizes the decoder for model.likelihood: a last axis of P parameters,
+  from an output layer P times as wide (the rest of the model unchanged)."""
+  cfg = model_config(name=name, likelihood=likelihood, likelihood_mixtures=mixtures)
+  model = vae.build_model(cfg, image_shape)
+  plain = vae.build_model(model_config(name=name), image_shape)
+  assert model.params_per_value == p and plain.params_per_value == 1
+  mu, _, out = forward_shapes(model, image_shape)
+  assert out.shape == (2, *image_shape, p)
+  assert forward_shapes(plain, image_shape)[2].shape == (2, *image_shape)
+  last = "deconv_2" if name == "conv_vae" else "out"
+  decoder = abstract_variables(model, image_shape)["params"]["decoder"]
+  base = abstract_variables(plain, image_shape)["params"]["decoder"]
+  assert decoder[last]["bias"].shape[-1] == p * base[last]["bias"].shape[-1]
+  assert count(decoder) - count(decoder[last]) == count(base) - count(base[last])
+
+
+def test_decoder_parameters_are_laid_out_channel_then_parameter():
+  """Channel c, parameter j of the output is the last layer's channel c·P + j."""
+  image_shape, p = (8, 8, 2), 3
+  model = vae.ConvVAE(image_shape, latent_dim=2, widths=(2,), norm="none",
+                      params_per_value=p)
+  variables = numpy_variables(model, image_shape)
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2)), jnp.float32)
+  out = jax.jit(lambda z: model.apply(variables, z, method=model.decode))(z)
+  flat = vae.ConvVAE(image_shape[:-1] + (image_shape[-1] * p,), latent_dim=2, widths=(2,),
+                     norm="none")
+  flat_out = jax.jit(lambda z: flat.apply(variables, z, method=flat.decode))(z)
+  np.testing.assert_array_equal(out, np.asarray(flat_out).reshape(*out.shape))
+  with pytest.raises(ConfigError, match="params_per_value=0"):
+    vae.MLPVAE((4, 4, 1), params_per_value=0)

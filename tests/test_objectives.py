@@ -115,8 +115,26 @@ def test_make_likelihood_and_variance():
   hash(gaussian)  # usable as a static jit argument.
 
 
+def test_make_likelihood_of_the_new_decoders():
+  discrete = lik.make_likelihood(
+      model_cfg(likelihood="discretized_logistic", likelihood_mixtures=4, beta=1.0), 12)
+  assert discrete == lik.Likelihood("discretized_logistic", 1.0, mixtures=4, bit_depth=12)
+  assert discrete.params_per_value == 12 and not discrete.has_pixel_variance
+  learned = lik.make_likelihood(model_cfg(likelihood="gaussian_learned"))
+  assert (learned.mixtures, learned.bit_depth, learned.has_pixel_variance) == (1, 8, True)
+  hash(discrete)
+  for likelihood in (discrete, learned, lik.Likelihood("bernoulli")):
+    with pytest.raises(ValueError, match="no fixed variance"):
+      likelihood.variance
+  with pytest.raises(ValueError, match="no per-value variance"):
+    discrete.log_variance(jnp.zeros((1, 2, 12)))
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(likelihood="laplace"), "model.likelihood='laplace'.*gaussian.*bernoulli"),
+    (dict(likelihood_mixtures=2), "likelihood_mixtures=2 needs"),
+    (dict(likelihood="discretized_logistic", likelihood_mixtures=0),
+     "model.likelihood_mixtures=0 must be an int"),
     (dict(beta=0.0), "model.beta must be a positive number"),
     (dict(beta=-1.0), "model.beta"),
     (dict(beta=float("nan")), "model.beta"),

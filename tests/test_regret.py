@@ -295,3 +295,28 @@ def test_a_model_without_an_encoder_subtree_names_the_posterior_target():
     jax.eval_shape(lambda v: regret.likelihood_regret(
         module, v, jnp.zeros((2, 2, 3, 1)), jax.random.key(0),
         likelihood_lib.Likelihood(), steps=2, learning_rate=1e-3, num_samples=2), variables)
+
+
+def test_the_vae_family_adds_vae_regret_to_its_eval_pass_when_enabled():
+  from conftest import fill_variables
+  from jaxad import config as config_lib
+  from jaxad import families
+  config = tiny_config(**{"eval.regret.enabled": True, "eval.regret.steps": 2,
+                          "eval.regret.target": "posterior", "eval.num_samples": 2,
+                          "eval.regret.num_samples": 2})
+  config_lib.validate(config)
+  family = families.build(config, (8, 8, 1))
+  assert family.sample_scores[-1] == "vae_regret"
+  variables = fill_variables(jax.eval_shape(lambda k: family.init(k, (8, 8, 1)),
+                                            jax.random.key(0)))
+  images = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1), minval=-1, maxval=1)
+  rng = jax.random.key(2)
+  out, _ = family.score(variables, images, rng, with_maps=False)
+  direct = regret.regret_scores(family.module, variables, images,
+                                jax.random.fold_in(rng, 2), family.likelihood,
+                                family.regret)
+  np.testing.assert_allclose(out["vae_regret"], direct["vae_regret"], rtol=1e-6)
+  assert "vae_regret" not in families.build(tiny_config(), (8, 8, 1)).sample_scores
+  config.eval.regret.target = "decoder"
+  with pytest.raises(ConfigError, match="eval.regret.target"):
+    config_lib.validate(config)

@@ -16,9 +16,15 @@ from jaxad.models import vae as vae_models
 from jaxad.objectives import likelihood as lik
 from jaxad.scores import (PIXEL_MAPS, SAMPLE_SCORES, gaussian_smooth, pixel_maps,
                           sample_scores)
+from jaxad.scores import pixel as pixel_lib
+from jaxad.scores import sample as sample_lib
+import test_decoders
 
 GAUSSIAN = lik.Likelihood("gaussian", 0.1)
 BERNOULLI = lik.Likelihood("bernoulli", 1.0)
+LEARNED = lik.Likelihood("gaussian_learned", 1.0)
+DISCRETE = lik.Likelihood("discretized_logistic", 1.0, mixtures=2)
+ALL = [GAUSSIAN, BERNOULLI, LEARNED, DISCRETE]
 
 
 def normal(shape, seed, scale=1.0):
@@ -67,9 +73,14 @@ def jitted_maps(model, likelihood, smooth_sigma=0.0):
 
 
 @functools.cache
-def mlp_setup():
-  model = vae_models.MLPVAE(MLP_SHAPE, latent_dim=3, hidden=(8,), activation="silu")
+def mlp_setup(params_per_value=1):
+  """The tiny MLP VAE with P outputs per value; its images on the 8-bit grid when P > 1
+  (the discrete likelihood scores stored images)."""
+  model = vae_models.MLPVAE(MLP_SHAPE, latent_dim=3, hidden=(8,), activation="silu",
+                            params_per_value=params_per_value)
   x = images((5, *MLP_SHAPE), 0)
+  if params_per_value > 1:
+    x = jnp.asarray(test_decoders.on_grid(x), jnp.float32)
   return model, init(model, x), x
 
 
@@ -84,6 +95,8 @@ def mlp():
 def numpy_log_px_z(x, out, likelihood):
   """log p(x|z) per image in float64, written from the densities' definitions."""
   x, out = f64(x), f64(out)
+  if likelihood.params_per_value > 1:  # the new decoders' references (test_decoders)
+    return test_decoders.numpy_log_px_z(x, out, likelihood)
   if likelihood.kind == "gaussian":
     values = stats.norm.logpdf(x, out, math.sqrt(likelihood.beta / 2))
   else:
@@ -100,7 +113,8 @@ def numpy_reference(model, variables, x, rng, likelihood, num_samples):
   mu, logvar = encode(model, variables, x)
   eps = jax.random.normal(rng, (num_samples, *mu.shape), mu.dtype)
   z = mu + jnp.exp(0.5 * logvar) * eps
-  out = decode(model, variables, z.reshape(-1, z.shape[-1])).reshape(*z.shape[:2], *x.shape[1:])
+  out = decode(model, variables, z.reshape(-1, z.shape[-1]))
+  out = out.reshape(*z.shape[:2], *out.shape[1:])
   mu, logvar, eps, z = f64(mu), f64(logvar), f64(eps), f64(z)
   log_px_z = numpy_log_px_z(x, out, likelihood)  # (L, B)
   log_pz = stats.norm.logpdf(z).sum(-1)
@@ -108,11 +122,17 @@ def numpy_reference(model, variables, x, rng, likelihood, num_samples):
   kl = -0.5 * np.sum(1 + logvar - mu**2 - np.exp(logvar), axis=-1)
   log_w = log_px_z + log_pz - log_qz
   lme = lambda a: special.logsumexp(a, axis=0) - math.log(num_samples)
-  return {
+  ref = {
       "vae": kl - log_px_z.mean(0), "vae_kl": kl, "vae_rec": -log_px_z.mean(0),
       "iwae": -lme(log_w), "iwae_kl": -lme(log_pz - log_qz), "iwae_rec": -lme(log_px_z),
       "sampled_neg_elbo": -log_w.mean(0),
   }
+  if likelihood.has_pixel_variance:  # AE-U: (x − x̂_i)²/σ²_i, mean over values and i
+    out = f64(out)
+    logvar_x = test_decoders.numpy_learned_logvar(out[..., 1], likelihood.bit_depth)
+    normalized = (f64(x) - out[..., 0]) ** 2 * np.exp(-logvar_x)
+    ref["vae_rec_normalized"] = normalized.reshape(*normalized.shape[:2], -1).mean((0, 2))
+  return ref
 
 
 # --------------------------------------------------------------- sample scores
@@ -142,13 +162,13 @@ def test_iwae_with_one_sample_is_the_sampled_neg_elbo(mlp, likelihood):
 @functools.cache
 def scores_and_reference(likelihood, num_samples=20):
   """sample_scores of the tiny MLP VAE and the NumPy reference, with the same eps."""
-  model, variables, x = mlp_setup()
+  model, variables, x = mlp_setup(likelihood.params_per_value)
   rng = jax.random.key(3)
   return (jitted_scores(model, likelihood, num_samples)(variables, x, rng),
           numpy_reference(model, variables, x, rng, likelihood, num_samples))
 
 
-@pytest.mark.parametrize("likelihood", [GAUSSIAN, BERNOULLI])
+@pytest.mark.parametrize("likelihood", ALL)
 def test_iwae_below_sampled_neg_elbo_and_matches_numpy(likelihood):
   scores, ref = scores_and_reference(likelihood)
   assert np.all(ref["iwae"] <= ref["sampled_neg_elbo"])  # Jensen, per image.
@@ -158,11 +178,24 @@ def test_iwae_below_sampled_neg_elbo_and_matches_numpy(likelihood):
     np.testing.assert_allclose(scores[name], ref[name], rtol=1e-5, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("likelihood", [GAUSSIAN, BERNOULLI])
+@pytest.mark.parametrize("likelihood", ALL)
 def test_vae_kl_and_rec_match_numpy(likelihood):
   scores, ref = scores_and_reference(likelihood)
+  assert sorted(scores) == sorted(sample_lib.score_names(likelihood))  # (jit sorts keys)
   for name in ("vae", "vae_kl", "vae_rec"):
     np.testing.assert_allclose(scores[name], ref[name], rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_vae_rec_normalized_matches_numpy():
+  """AE-U (Mao et al. 2020): the mean over values of (x − x̂)²·exp(−log σ²), averaged
+  over the L posterior samples, only for a decoder with a variance per value."""
+  scores, ref = scores_and_reference(LEARNED)
+  assert sample_lib.score_names(LEARNED) == SAMPLE_SCORES + ("vae_rec_normalized",)
+  np.testing.assert_allclose(scores["vae_rec_normalized"], ref["vae_rec_normalized"],
+                             rtol=1e-5)
+  assert np.all(f64(scores["vae_rec_normalized"]) > 0)
+  for other in (GAUSSIAN, BERNOULLI, DISCRETE):
+    assert sample_lib.score_names(other) == SAMPLE_SCORES
 
 
 def test_sample_scores_rng_and_num_samples(mlp):
@@ -270,9 +303,9 @@ def finite_difference_grads(term_fn, x, h=1e-5):
   return grads
 
 
-@pytest.mark.parametrize("likelihood", [GAUSSIAN, BERNOULLI])
-def test_gradient_maps_match_finite_differences_float64(mlp, likelihood):
-  model, variables, x = mlp
+@pytest.mark.parametrize("likelihood", ALL)
+def test_gradient_maps_match_finite_differences_float64(likelihood):
+  model, variables, x = mlp_setup(likelihood.params_per_value)
   rng = jax.random.key(11)
   with jax.enable_x64(True):
     variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
@@ -296,6 +329,31 @@ def test_gradient_maps_match_finite_differences_float64(mlp, likelihood):
   check(maps["elbo_grad"], np.abs(kl_fd + rec_fd).mean(-1))
   check(maps["elbo_grad"], np.abs(f64(direct)).mean(-1))
   assert np.all(f64(maps["kl_grad"]) > 0)
+
+
+@pytest.mark.parametrize("likelihood", [LEARNED, DISCRETE])
+def test_maps_of_the_new_decoders_match_numpy(likelihood):
+  """rec_error from the likelihood's reconstruction at z = mu; under the learned
+  variance AE-U's rec_normalized = (x − x̂)²·exp(−log σ²), channels averaged; combi is
+  still rec_error · kl_grad."""
+  model, variables, x = mlp_setup(likelihood.params_per_value)
+  maps = jitted_maps(model, likelihood)(variables, x, jax.random.key(4))
+  assert sorted(maps) == sorted(pixel_lib.map_names(likelihood))  # (jit sorts keys)
+  mu, _ = encode(model, variables, x)
+  out = f64(decode(model, variables, mu))
+  if likelihood.has_pixel_variance:
+    recon = out[..., 0]
+    logvar = test_decoders.numpy_learned_logvar(out[..., 1], likelihood.bit_depth)
+    np.testing.assert_allclose(maps["rec_normalized"],
+                               ((f64(x) - recon) ** 2 * np.exp(-logvar)).mean(-1), rtol=1e-5)
+  else:
+    k = likelihood.mixtures
+    weights = special.softmax(out[..., 2 * k:], axis=-1)
+    recon = np.clip((weights * out[..., :k]).sum(-1), -1, 1)
+    assert "rec_normalized" not in maps
+  np.testing.assert_allclose(maps["rec_error"], ((f64(x) - recon) ** 2).mean(-1), rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(maps["combi"], maps["rec_error"] * maps["kl_grad"], rtol=1e-6)
 
 
 @functools.cache
@@ -385,6 +443,7 @@ def test_scores_sharded_over_devices_match_one_device():
 
 FAMILY_CONFIGS = {
     "vae": {"model.norm": "batch"},
+    "vae_learned": {"model.likelihood": "gaussian_learned", "model.beta": 1.0},
     "score": {"model.family": "score", "model.name": "unet", "model.unet.base_width": 8,
               "model.unet.channel_mult": (1,), "model.unet.num_res_blocks": 1,
               "model.unet.attention_resolutions": (), "model.unet.groups": 4,
@@ -414,7 +473,7 @@ def _scored_by_index(family, variables, split, config, batch_size):
   return out
 
 
-@pytest.mark.parametrize("name", ["vae", "score", "gan"])
+@pytest.mark.parametrize("name", ["vae", "vae_learned", "score", "gan"])
 def test_scores_maps_and_reconstructions_do_not_depend_on_eval_batch_size(make_config,
                                                                           name):
   # Keys were per batch (fold_in(key, b)): eval.batch_size changed every sampled score

@@ -20,7 +20,9 @@ the K members of a group, trained together by one vmapped step. Every other axis
   a__b            any config key a.b (dots as '__')          member if in MEMBER_KEYS
 
 Zimmerer et al.'s c is the decoder variance σ² of p(x|z) = N(g(z), c·I); jaxad's
-Gaussian likelihood has σ² = β/2 on images in [-1, 1], so c = β/2 in those units.
+Gaussian likelihood has σ² = β/2 on images in [-1, 1], so c = β/2 in those units. The
+other likelihoods (bernoulli, gaussian_learned, discretized_logistic) have no fixed
+variance: β is their KL weight (β = 1: the ELBO), and the c axis is refused for them.
 Axes iterate in the order of the table (then generic keys by name), groups and members
 as itertools.product over them.
 """
@@ -144,7 +146,8 @@ def _assign(config, axis: str, value) -> None:
   if axis == "c":
     if config.model.likelihood != "gaussian":
       raise ConfigError(f"grid.axes.c needs model.likelihood='gaussian' (got "
-                        f"{config.model.likelihood!r}); use grid.axes.beta instead")
+                        f"{config.model.likelihood!r}, which has no fixed decoder "
+                        "variance c); use grid.axes.beta (its KL weight) instead")
     value = 2.0 * float(value)
   elif axis == "left_out_class":
     config.data.normal_classes = ()

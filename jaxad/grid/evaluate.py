@@ -34,7 +34,7 @@ log = logging.getLogger("jaxad")
 
 
 @functools.lru_cache(maxsize=16)
-def make_score_fn(model, kind: str, num_samples: int, smooth_sigma: float, maps: bool,
+def make_score_fn(model, likelihood, num_samples: int, smooth_sigma: float, maps: bool,
                   layout: Layout, purpose: int = EVAL):
   """jit(vmap): member k scores images[idx[k]]; sample scores, or pixel maps if `maps`.
 
@@ -43,7 +43,7 @@ def make_score_fn(model, kind: str, num_samples: int, smooth_sigma: float, maps:
   """
 
   def member(params, model_state, beta, seed, images, index):
-    family = member_family(model, kind, beta, num_samples=num_samples,
+    family = member_family(model, likelihood, beta, num_samples=num_samples,
                            smooth_sigma=smooth_sigma)
     # The family's one pass gives both; jit drops the half not returned.
     one_pass = lambda v, x, rng: family.score(v, x, rng, maps)[int(maps)]
@@ -110,14 +110,14 @@ def betas_of(group: Group, layout: Layout) -> jax.Array:
   return layout.put(jnp.asarray([m.config.model.beta for m in group.members], jnp.float32))
 
 
-def _sample_scores(model, kind, group, state, images, layout, betas, seeds, progress,
+def _sample_scores(model, likelihood, group, state, images, layout, betas, seeds, progress,
                    desc) -> dict[str, np.ndarray]:
-  """{score: (K, N)}: every member's `sample.SAMPLE_SCORES` of every image."""
+  """{score: (K, N)}: every member's `sample.score_names(likelihood)` of every image."""
   e, k, n = group.config.eval, len(group.members), len(images)
-  score_fn = make_score_fn(model, kind, int(e.num_samples), 0.0, maps=False,
+  score_fn = make_score_fn(model, likelihood, int(e.num_samples), 0.0, maps=False,
                            layout=layout)
   dev_images = layout.put(jnp.asarray(images), layout.replicated)
-  scores = {name: np.zeros((k, n)) for name in sample.SAMPLE_SCORES}
+  scores = {name: np.zeros((k, n)) for name in sample.score_names(likelihood)}
 
   def keep_scores(idx, valid, out):
     for j in range(k):
@@ -137,7 +137,7 @@ class _Members:
   data: GroupData
   layout: Layout
   model: Any
-  kind: str
+  likelihood: Any  # the group's (β = 1; `group_setup`)
   betas: Any
   seeds: Any
   splits: list  # each member's test split (its own anomalous classes)
@@ -146,24 +146,24 @@ class _Members:
 
 
 def _background_scores(m: _Members, background_model):
-  """(background group, model, kind, its scores, its diverged flags), or None."""
+  """(background group, model, likelihood, its scores, its diverged flags), or None."""
   if background_model is None:
     return None
   bg_group, bg_state = background_model
-  bg_model, bg_kind, _ = group_setup(bg_group, m.data.shape)
-  scores = _sample_scores(bg_model, bg_kind, bg_group, bg_state, m.data.test["image"],
+  bg_model, bg_likelihood, _ = group_setup(bg_group, m.data.shape)
+  scores = _sample_scores(bg_model, bg_likelihood, bg_group, bg_state, m.data.test["image"],
                           m.layout, betas_of(bg_group, m.layout), m.seeds, m.progress,
                           f"{bg_group.name} scores")
   diverged = np.asarray(jax.device_get(bg_state.diverged)).astype(bool)
-  return bg_group, bg_model, bg_kind, scores, diverged
+  return bg_group, bg_model, bg_likelihood, scores, diverged
 
 
 def _sample_results(m: _Members, results: list[dict], background_model) -> None:
   """Sample-wise AUROC/AUPRC of every test image, each member's own anomalous classes
   (the test images' code lengths were submitted to host threads when loaded)."""
   config, n = m.group.config, len(m.data.test["image"])
-  scores = _sample_scores(m.model, m.kind, m.group, m.state, m.data.test["image"], m.layout,
-                          m.betas, m.seeds, m.progress, f"{m.group.name} scores")
+  scores = _sample_scores(m.model, m.likelihood, m.group, m.state, m.data.test["image"],
+                          m.layout, m.betas, m.seeds, m.progress, f"{m.group.name} scores")
   bg = _background_scores(m, background_model)
   lengths = m.data.test_lengths.result() if m.data.test_lengths is not None else None
   for j, split in enumerate(m.splits):
@@ -178,7 +178,7 @@ def _sample_results(m: _Members, results: list[dict], background_model) -> None:
               bg[1], bg[2], float(bg[0].members[j].config.model.beta)),
           background_scores={name: v[j] for name, v in bg[3].items()})
     own = likelihood_derived(
-        member_family(m.model, m.kind, float(m.group.members[j].config.model.beta)),
+        member_family(m.model, m.likelihood, float(m.group.members[j].config.model.beta)),
         {name: v[j] for name, v in scores.items()}, int(np.prod(m.data.shape)),
         int(config.data.bit_depth), lengths=lengths, **with_bg)
     results[j]["sample"] = {name: _ranking(labels, v) for name, v in own.items()}
@@ -202,7 +202,7 @@ def _pixel_inputs(m: _Members, spec):
 def _stream_maps(m: _Members, images, masks, lists, curves) -> dict:
   """Every member's maps of its images into its pixel curves; {member: error}."""
   e, errors = m.group.config.eval, {}
-  maps_fn = make_score_fn(m.model, m.kind, 1, float(e.smooth_sigma), maps=True,
+  maps_fn = make_score_fn(m.model, m.likelihood, 1, float(e.smooth_sigma), maps=True,
                           layout=m.layout)
 
   def keep_maps(idx, valid, out):
@@ -239,13 +239,13 @@ def _pixel_results(m: _Members, results: list[dict]) -> None:
   if not e.pixel_maps or (spec is None and "mask" not in m.data.test):
     return
   images, masks, lists = _pixel_inputs(m, spec)
-  healthy_fn = make_score_fn(m.model, m.kind, 1, float(e.smooth_sigma), maps=True,
+  healthy_fn = make_score_fn(m.model, m.likelihood, 1, float(e.smooth_sigma), maps=True,
                              layout=m.layout, purpose=HEALTHY)
   stats = _healthy_stats(healthy_fn, m.state, m.data, int(e.batch_size), m.betas, m.seeds,
                          m.layout, m.progress, f"{m.group.name} healthy maps")
   curves = [{name: metrics.PixelCurve(e.pixel_bins,
                                       pixel_range(stats[j].get(name, {}).get("max")))
-             for name in pixel.PIXEL_MAPS} for j in range(len(m.splits))]
+             for name in pixel.map_names(m.likelihood)} for j in range(len(m.splits))]
   errors = _stream_maps(m, images, masks, lists, curves)
   for j in range(len(m.splits)):
     results[j]["num_pixel_images"] = int(len(lists[j]))
@@ -253,7 +253,7 @@ def _pixel_results(m: _Members, results: list[dict]) -> None:
       continue
     if j in errors:
       results[j]["pixel"] = {name: {"auroc": None, "auprc": None, "error": errors[j]}
-                             for name in pixel.PIXEL_MAPS}
+                             for name in pixel.map_names(m.likelihood)}
       continue
     results[j]["pixel"] = {name: _curve_result(c) for name, c in curves[j].items()}
 
@@ -267,10 +267,10 @@ def evaluate_group(group: Group, state: GridState, data: GroupData, mesh, *,
   eval binary computes them (`scoring.likelihood_derived`).
   """
   layout = Layout.make(mesh, len(group.members), int(group.config.eval.batch_size))
-  model, kind, _ = group_setup(group, data.shape)
+  model, likelihood, _ = group_setup(group, data.shape)
   diverged = np.asarray(jax.device_get(state.diverged)).astype(bool)
   members = _Members(
-      group, state, data, layout, model, kind, betas_of(group, layout),
+      group, state, data, layout, model, likelihood, betas_of(group, layout),
       layout.put(jnp.asarray([m.config.seed for m in group.members], jnp.int32)),
       [member_split(data.test_split, m.config.data, "test") for m in group.members],
       diverged, progress)

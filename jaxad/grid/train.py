@@ -34,7 +34,6 @@ from jaxad import background, checkpoint, compile_options, families, keys, paral
 from jaxad import config as config_lib
 from jaxad import schedule
 from jaxad import state as state_lib
-from jaxad.data import pipeline
 from jaxad.errors import ConfigError
 from jaxad.families import vae as vae_family
 from jaxad.grid.axes import Group
@@ -45,9 +44,12 @@ from jaxad.objectives import likelihood as likelihood_lib
 log = logging.getLogger("jaxad")
 
 
-def member_family(model, kind: str, beta, **eval_settings) -> vae_family.VAE:
-  """The VAE family of one member, β a traced per-member array (checked in group_setup)."""
-  return vae_family.VAE(model, likelihood_lib.Likelihood(kind, beta), **eval_settings)
+def member_family(model, likelihood, beta, **eval_settings) -> vae_family.VAE:
+  """The VAE family of one member: the group's likelihood (`group_setup`; a kind name
+  gives that kind's defaults) with β a traced per-member array (checked in group_setup)."""
+  if isinstance(likelihood, str):
+    likelihood = likelihood_lib.Likelihood(likelihood)
+  return vae_family.VAE(model, dataclasses.replace(likelihood, beta=beta), **eval_settings)
 
 
 @flax.struct.dataclass
@@ -123,28 +125,36 @@ def _optimizer(train_json: str) -> optax.GradientTransformation:
 
 
 def group_setup(group: Group, shape: tuple[int, ...]):
-  """(model, likelihood kind, optimiser) shared by every member of the group; the model
-  computes in the group's train.compute_dtype."""
+  """(model, likelihood, optimiser) shared by every member of the group; the model
+  computes in the group's train.compute_dtype, its decoder sized for the likelihood.
+
+  The likelihood (kind, mixtures, bit depth: group-level keys) has β = 1; each member's
+  step puts in its own traced β (`member_family`), so the compiled steps, cached on the
+  likelihood, do not depend on any member's β.
+  """
   config = group.config
   model = vae_models.build_model(config.model, shape, families.compute_dtype(config))
   for m in group.members:  # checks every member's β and the kind, with the config key
-    likelihood_lib.make_likelihood(m.config.model)
+    likelihood_lib.make_likelihood(m.config.model, int(m.config.data.bit_depth))
+  likelihood = dataclasses.replace(
+      likelihood_lib.make_likelihood(config.model, int(config.data.bit_depth)), beta=1.0)
   train = json.dumps(config_lib.to_dict(config)["train"], sort_keys=True)
-  return model, config.model.likelihood, _optimizer(train)
+  return model, likelihood, _optimizer(train)
 
 
 @functools.lru_cache(maxsize=16)
-def _init_fn(model, kind: str, tx, shape):
+def _init_fn(model, likelihood, tx, shape):
   @jax.jit
   def init(seed):  # the trainer's initial state (state.initial_state), its seed traced
-    start = state_lib.initial_state(member_family(model, kind, 1.0), tx, shape, seed)
+    start = state_lib.initial_state(member_family(model, likelihood, 1.0), tx, shape,
+                                    seed)
     return start.params, start.model_state, start.opt_state
   return init
 
 
-def init_state(model, kind: str, tx, shape, seeds, lrs, layout: Layout) -> GridState:
+def init_state(model, likelihood, tx, shape, seeds, lrs, layout: Layout) -> GridState:
   """Each member initialised exactly as the trainer does (one jit, K calls), stacked."""
-  init = _init_fn(model, kind, tx, tuple(shape))
+  init = _init_fn(model, likelihood, tx, tuple(shape))
   parts = [init(jnp.asarray(s, jnp.int32)) for s in seeds]
   params, model_state, opt_state = jax.tree.map(lambda *x: jnp.stack(x), *parts)
   opt_state = state_lib.with_learning_rate(opt_state, jnp.asarray(np.asarray(lrs, np.float32)))
@@ -158,7 +168,7 @@ def init_state(model, kind: str, tx, shape, seeds, lrs, layout: Layout) -> GridS
 
 
 @functools.lru_cache(maxsize=16)
-def make_train_step(model, kind: str, tx, layout: Layout,
+def make_train_step(model, likelihood, tx, layout: Layout,
                     mutation: tuple[float, int] = (0.0, 8)):
   """jit(vmap(member step)): (state, images (N, ...), idx (K, B), betas, seeds, active).
 
@@ -175,7 +185,7 @@ def make_train_step(model, kind: str, tx, layout: Layout,
           images, jax.random.fold_in(keys.purpose_key(seed, keys.MUTATION),
                                      state.step), *mutation)
     params, model_state, opt_state, metrics = families.gradient_update(
-        member_family(model, kind, beta), tx, state.params, state.model_state,
+        member_family(model, likelihood, beta), tx, state.params, state.model_state,
         state.opt_state, images, rng)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     go = active & finite & (state.diverged == 0)
@@ -195,12 +205,12 @@ def make_train_step(model, kind: str, tx, layout: Layout,
 
 
 @functools.lru_cache(maxsize=16)
-def make_val_step(model, kind: str, layout: Layout):
+def make_val_step(model, likelihood, layout: Layout):
   """Per member: masked sums of the eval-mode −ELBO over its batch `b` (trainer keys)."""
 
   def member(params, model_state, images, valid, beta, seed, b):
     rng = jax.random.fold_in(keys.purpose_key(seed, keys.VAL), b)
-    neg_elbo = member_family(model, kind, beta).val_loss(
+    neg_elbo = member_family(model, likelihood, beta).val_loss(
         {"params": params, **model_state}, images, rng)
     return jnp.sum(neg_elbo * valid), jnp.sum(valid)
 
@@ -311,20 +321,21 @@ def _setup_group(group: Group, directory: str, mesh, data: GroupData):
   needs_val = any(schedule.needs_validation(m.config.train) for m in members)
   schedule.check_validation(data.val is not None, needs_val)
   layout = Layout.make(mesh, len(members), int(t.batch_size))
-  model, kind, tx = group_setup(group, data.shape)
+  model, likelihood, tx = group_setup(group, data.shape)
   limit = float(config.grid.max_device_data_mb) if "grid" in config else 2048.0
   run = _GroupRun(
       group, data, layout, streams, num_steps, needs_val,
       layout.put(jnp.asarray(_member_values(group, lambda c: c.model.beta), jnp.float32)),
       layout.put(jnp.asarray(seeds, jnp.int32)),
-      make_train_step(model, kind, tx, layout,
+      make_train_step(model, likelihood, tx, layout,
                       (float(t.mutation_rate), int(config.data.bit_depth))),
       _put_images(data.train["image"], layout, limit),
       checkpoint.Checkpoints(directory, keep=t.keep_checkpoints))
   if needs_val:
-    run.val = (make_val_step(model, kind, layout), _put_images(data.val["image"], layout, limit),
+    run.val = (make_val_step(model, likelihood, layout),
+               _put_images(data.val["image"], layout, limit),
                *padded_batches([s.normal_indices for s in data.val_splits], int(t.batch_size)))
-  state = init_state(model, kind, tx, data.shape, seeds,
+  state = init_state(model, likelihood, tx, data.shape, seeds,
                      _member_values(group, lambda c: c.train.learning_rate), layout)
   start = int(run.ckpt.latest_step() or 0)
   if start:

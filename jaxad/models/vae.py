@@ -1,8 +1,11 @@
 """Variational autoencoders as pure flax.linen modules (2D images and 3D volumes).
 
 Models map images to the parameters of q(z|x) (`encode`) and latents to the decoder
-output (`decode`); what that output means (a Gaussian mean, Bernoulli logits) and how
-it is scored belongs to `jaxad.objectives`. Parameters are explicit pytrees:
+output (`decode`); what that output means (a Gaussian mean, Bernoulli logits, a mean and
+a log-variance, a logistic mixture) and how it is scored belongs to `jaxad.objectives`.
+A likelihood with P > 1 parameters per value (`Likelihood.params_per_value`) gets a
+decoder output (B, *image_shape, P); with P = 1 it is (B, *image_shape). Parameters are
+explicit pytrees:
 
   variables = model.init(rng, x, train=False)
   mu, logvar = model.apply(variables, x, train=False, method=model.encode)
@@ -23,6 +26,7 @@ import ml_collections
 from jaxad.errors import ConfigError
 from jaxad.models import layers
 from jaxad.models import precision
+from jaxad.objectives import likelihood as likelihood_lib
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.2),
@@ -146,6 +150,8 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
   """Mirror of the encoder: 1→4 transposed conv, stride-2 upsampling, linear output.
 
+  The last layer has out_channels·params_per_value channels; with params_per_value
+  P > 1 they are read as (channel, parameter) pairs, the output (B, *spatial, C, P).
   The output is float32 (at least) whatever the computation dtype.
   """
 
@@ -155,6 +161,7 @@ class ConvDecoder(nn.Module):
   norm: str = "batch"
   activation: str = "relu"
   dtype: precision.Dtype = None
+  params_per_value: int = 1
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> jax.Array:
@@ -162,7 +169,7 @@ class ConvDecoder(nn.Module):
     act = get_activation(self.activation, "model.decoder_activation")
     use_bn = self.norm == "batch"
     x = z.reshape(z.shape[0], *(1,) * ndim, z.shape[-1])
-    features = (*reversed(self.widths), self.out_channels)
+    features = (*reversed(self.widths), self.out_channels * self.params_per_value)
     for i, width in enumerate(features):
       first, last = i == 0, i == len(features) - 1
       # layers.ConvTranspose: nn.ConvTranspose's function and parameters, with a fast
@@ -175,6 +182,8 @@ class ConvDecoder(nn.Module):
         if use_bn:
           x = _batch_norm(train, f"bn_{i}", self.dtype)(x)
         x = act(x)
+    if self.params_per_value > 1:
+      x = x.reshape(*x.shape[:-1], self.out_channels, self.params_per_value)
     return precision.at_least_f32(x)
 
 
@@ -192,10 +201,12 @@ class ConvVAE(nn.Module):
   encoder_activation: str = "leaky_relu"
   decoder_activation: str = "relu"
   dtype: precision.Dtype = None  # computation dtype; None: as the inputs (float32)
+  params_per_value: int = 1  # decoder outputs per value (the likelihood's)
 
   def __post_init__(self):
     check_conv_shape(self.image_shape, self.widths)
     _check_norm(self.norm)
+    _check_params_per_value(self.params_per_value)
     get_activation(self.encoder_activation, "model.encoder_activation")
     get_activation(self.decoder_activation, "model.decoder_activation")
     super().__post_init__()
@@ -205,7 +216,8 @@ class ConvVAE(nn.Module):
     self.encoder = ConvEncoder(widths, self.latent_dim, self.norm, self.encoder_activation,
                                self.dtype)
     self.decoder = ConvDecoder(widths, self.image_shape[-1], len(self.image_shape) - 1,
-                               self.norm, self.decoder_activation, self.dtype)
+                               self.norm, self.decoder_activation, self.dtype,
+                               self.params_per_value)
 
   def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Parameters (mu, logvar) of q(z|x), each (B, latent_dim)."""
@@ -213,7 +225,7 @@ class ConvVAE(nn.Module):
     return self.encoder(x, train)
 
   def decode(self, z: jax.Array, train: bool = False) -> jax.Array:
-    """Decoder output (B, *image_shape) for latents z (B, latent_dim)."""
+    """Decoder output (B, *image_shape[, P]) for latents z (B, latent_dim)."""
     return self.decoder(z, train)
 
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -229,9 +241,11 @@ class MLPVAE(nn.Module):
   hidden: tuple[int, ...] = (400, 400, 400)
   activation: str = "relu"
   dtype: precision.Dtype = None  # computation dtype; None: as the inputs (float32)
+  params_per_value: int = 1  # decoder outputs per value (the likelihood's)
 
   def __post_init__(self):
     get_activation(self.activation, "model.activation")
+    _check_params_per_value(self.params_per_value)
     if not self.hidden or any(int(h) <= 0 for h in self.hidden):
       raise ConfigError(f"model.hidden must be positive layer sizes; got {tuple(self.hidden)}")
     super().__post_init__()
@@ -239,7 +253,8 @@ class MLPVAE(nn.Module):
   def setup(self):
     hidden = tuple(int(h) for h in self.hidden)
     self.encoder = MLPEncoder(hidden, self.latent_dim, self.activation, self.dtype)
-    self.decoder = MLPDecoder(hidden, tuple(self.image_shape), self.activation, self.dtype)
+    self.decoder = MLPDecoder(hidden, tuple(self.image_shape), self.activation, self.dtype,
+                              self.params_per_value)
 
   def encode(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Parameters (mu, logvar) of q(z|x), each (B, latent_dim); `train` is unused."""
@@ -248,7 +263,7 @@ class MLPVAE(nn.Module):
     return self.encoder(x)
 
   def decode(self, z: jax.Array, train: bool = False) -> jax.Array:
-    """Decoder output (B, *image_shape); `train` is unused."""
+    """Decoder output (B, *image_shape[, P]); `train` is unused."""
     del train
     return self.decoder(z)
 
@@ -280,13 +295,15 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-  """Dense+activation per hidden layer → Dense to every pixel, reshaped; linear output
-  (float32 at least, whatever the computation dtype)."""
+  """Dense+activation per hidden layer → Dense to every value (× params_per_value P),
+  reshaped to (B, *image_shape) or, P > 1, (B, *image_shape, P); linear output (float32
+  at least, whatever the computation dtype)."""
 
   hidden: tuple[int, ...]
   image_shape: tuple[int, ...]
   activation: str = "relu"
   dtype: precision.Dtype = None
+  params_per_value: int = 1
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -294,8 +311,10 @@ class MLPDecoder(nn.Module):
     x = z
     for i, width in enumerate(self.hidden):
       x = act(nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x))
-    x = nn.Dense(math.prod(self.image_shape), dtype=self.dtype, name="out")(x)
-    return precision.at_least_f32(x.reshape(z.shape[0], *self.image_shape))
+    p = self.params_per_value
+    x = nn.Dense(math.prod(self.image_shape) * p, dtype=self.dtype, name="out")(x)
+    shape = (*self.image_shape, p) if p > 1 else tuple(self.image_shape)
+    return precision.at_least_f32(x.reshape(z.shape[0], *shape))
 
 
 def _encode_for_init(model, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -303,6 +322,12 @@ def _encode_for_init(model, x: jax.Array, train: bool) -> tuple[jax.Array, jax.A
   if model.is_initializing():
     model.decode(mu, train)
   return mu, logvar
+
+
+def _check_params_per_value(p) -> None:
+  if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+    raise ConfigError(f"params_per_value={p!r} must be a positive int (the likelihood's "
+                      "Likelihood.params_per_value)")
 
 
 def _check_input(x: jax.Array, image_shape: Sequence[int]) -> None:
@@ -322,7 +347,8 @@ def conv_vae_from_config(model_cfg: ml_collections.ConfigDict, image_shape: tupl
       image_shape=tuple(image_shape), latent_dim=int(model_cfg.latent_dim), widths=widths,
       norm=model_cfg.get("norm", "batch"),
       encoder_activation=model_cfg.get("encoder_activation", "leaky_relu"),
-      decoder_activation=model_cfg.get("decoder_activation", "relu"), dtype=dtype)
+      decoder_activation=model_cfg.get("decoder_activation", "relu"), dtype=dtype,
+      params_per_value=config_params_per_value(model_cfg))
 
 
 def mlp_vae_from_config(model_cfg: ml_collections.ConfigDict, image_shape: tuple[int, ...],
@@ -332,7 +358,13 @@ def mlp_vae_from_config(model_cfg: ml_collections.ConfigDict, image_shape: tuple
       image_shape=tuple(image_shape), latent_dim=int(model_cfg.latent_dim),
       hidden=tuple(model_cfg.get("hidden", (400, 400, 400))),
       activation=model_cfg.get("activation", model_cfg.get("encoder_activation", "relu")),
-      dtype=dtype)
+      dtype=dtype, params_per_value=config_params_per_value(model_cfg))
+
+
+def config_params_per_value(model_cfg: ml_collections.ConfigDict) -> int:
+  """Decoder outputs per value for model.likelihood and model.likelihood_mixtures."""
+  return likelihood_lib.params_per_value(model_cfg.get("likelihood", "gaussian"),
+                                         int(model_cfg.get("likelihood_mixtures", 1)))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {  # (model config, image shape, dtype)

@@ -19,7 +19,7 @@ class VAETerms:
 
   rec: jax.Array  # −log p(x|z) for one sample z ~ q(z|x), nats.
   kl: jax.Array  # closed-form KL(q(z|x) ‖ p(z)), nats.
-  train_rec: jax.Array  # reconstruction term of the training loss (SSE or BCE).
+  train_rec: jax.Array  # reconstruction term of the training loss (SSE, or −log p(x|z)).
 
   @property
   def neg_elbo(self) -> jax.Array:
@@ -60,5 +60,6 @@ def vae_terms(model: nn.Module, variables, x: jax.Array, rng: jax.Array,
 
 
 def training_loss(terms: VAETerms, likelihood: likelihood_lib.Likelihood) -> jax.Array:
-  """mean_b(train_rec + beta·KL): beta·(−ELBO) + const for the Gaussian likelihood."""
+  """mean_b(train_rec + beta·KL): beta·(−ELBO) + const for the fixed-σ Gaussian; for
+  the others (train_rec = −log p(x|z)) the β-weighted −ELBO, the −ELBO itself at β = 1."""
   return jnp.mean(terms.train_rec + likelihood.beta * terms.kl)

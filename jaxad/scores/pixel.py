@@ -8,6 +8,17 @@ Each map is (B, *spatial), channels averaged (higher = more anomalous):
   rec_grad  = |∂(−log p(x|z))/∂x|                z = mu(x) + σ(x)·eps, eps fixed by rng
   combi     = rec_error · kl_grad                (Zimmerer et al.)
 
+and, for a likelihood with a variance per value (gaussian_learned), AE-U's map (Mao et
+al., MICCAI 2020) at the same deterministic z = mu as rec_error:
+
+  rec_normalized = (x − x̂)²·exp(−log σ²)        x̂, σ² decoded from z = mu
+
+The other maps keep their definitions under every likelihood: kl_grad is unchanged in
+form (only the trained encoder differs); rec_grad and elbo_grad differentiate that
+likelihood's −log p(x|z), so under gaussian_learned their direct term is the
+variance-weighted residual (x − x̂)/σ² and under the discretised logistic the slope of
+the log bin mass; combi stays rec_error · kl_grad (the unweighted error).
+
 Images are independent in eval mode, so the gradient of a per-image term summed over
 the batch is each image's own gradient.
 """
@@ -23,8 +34,14 @@ import numpy as np
 from jaxad.objectives import likelihood as likelihood_lib
 from jaxad.scores.sample import decode, encode
 
-PIXEL_MAPS = ("rec_error", "elbo_grad", "kl_grad", "rec_grad", "combi")
+PIXEL_MAPS = ("rec_error", "elbo_grad", "kl_grad", "rec_grad", "combi")  # every one
+VARIANCE_MAPS = ("rec_normalized",)  # likelihoods with a variance per value
 TRUNCATE = 4.0  # the Gaussian kernel reaches 4σ, as scipy.ndimage.gaussian_filter's default.
+
+
+def map_names(likelihood: likelihood_lib.Likelihood) -> tuple[str, ...]:
+  """The maps `pixel_maps` returns under `likelihood`, in order."""
+  return PIXEL_MAPS + (VARIANCE_MAPS if likelihood.has_pixel_variance else ())
 
 
 def channel_mean(values: jax.Array) -> jax.Array:
@@ -112,21 +129,23 @@ def signed_grads(model: nn.Module, variables, x: jax.Array, rng: jax.Array,
 def pixel_maps(model: nn.Module, variables, x: jax.Array, rng: jax.Array,
                likelihood: likelihood_lib.Likelihood, *, smooth_sigma: float = 0.0
                ) -> dict[str, jax.Array]:
-  """The PIXEL_MAPS of x (B, *spatial, C), each (B, *spatial), in eval mode.
+  """The `map_names(likelihood)` of x (B, *spatial, C), each (B, *spatial), eval mode.
 
   The gradients use one posterior sample, eps = jax.random.normal(rng, (B, d)); the same
-  rng gives the same maps. With smooth_sigma > 0 the four base maps are smoothed (after
+  rng gives the same maps. With smooth_sigma > 0 every map but combi is smoothed (after
   channel averaging) and combi is the product of the smoothed rec_error and kl_grad,
   so combi == rec_error · kl_grad always holds. Pure and jit-able (smooth_sigma static).
   """
   kl_grad, rec_grad, mu = signed_grads(model, variables, x, rng, likelihood)
-  reconstruction = likelihood.mean(decode(model, variables, mu))
+  decoded = decode(model, variables, mu)
   maps = {
-      "rec_error": channel_mean(jnp.square(x - reconstruction)),
+      "rec_error": channel_mean(jnp.square(x - likelihood.mean(decoded))),
       "elbo_grad": channel_mean(jnp.abs(kl_grad + rec_grad)),
       "kl_grad": channel_mean(jnp.abs(kl_grad)),
       "rec_grad": channel_mean(jnp.abs(rec_grad)),
   }
+  if likelihood.has_pixel_variance:
+    maps["rec_normalized"] = channel_mean(likelihood.normalized_error(x, decoded))
   maps = {name: gaussian_smooth(m, smooth_sigma) for name, m in maps.items()}
   maps["combi"] = maps["rec_error"] * maps["kl_grad"]
-  return maps
+  return {name: maps[name] for name in map_names(likelihood)}

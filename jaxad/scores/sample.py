@@ -10,7 +10,14 @@ log q(z_i|x), the scores are (higher = more anomalous):
   iwae_kl  = −[logsumexp_i (log p(z_i) − log q(z_i|x)) − log L]
   iwae_rec = −[logsumexp_i log p(x|z_i) − log L]
 
-Every constant is kept, so `iwae` approaches −log p(x) as L grows.
+and, for a likelihood with a variance per value (gaussian_learned), AE-U's score (Mao et
+al., MICCAI 2020) with x̂_i, σ²_i the decoded mean and variance of sample i:
+
+  vae_rec_normalized = (1/L) Σ_i mean over values of (x − x̂_i)²·exp(−log σ²_i)
+
+Every constant is kept, so `iwae` approaches −log p(x) as L grows. With the discretised
+logistic likelihood log p(x|z) is the log-probability of the stored discrete image, so
+`vae` and `iwae` bound its bits (× ln 2).
 """
 
 import math
@@ -21,7 +28,13 @@ import jax.numpy as jnp
 
 from jaxad.objectives import likelihood as likelihood_lib
 
-SAMPLE_SCORES = ("vae", "vae_kl", "vae_rec", "iwae", "iwae_kl", "iwae_rec")
+SAMPLE_SCORES = ("vae", "vae_kl", "vae_rec", "iwae", "iwae_kl", "iwae_rec")  # every one
+VARIANCE_SCORES = ("vae_rec_normalized",)  # likelihoods with a variance per value
+
+
+def score_names(likelihood: likelihood_lib.Likelihood) -> tuple[str, ...]:
+  """The scores `sample_scores` returns under `likelihood`, in order."""
+  return SAMPLE_SCORES + (VARIANCE_SCORES if likelihood.has_pixel_variance else ())
 
 
 def encode(model: nn.Module, variables, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -56,7 +69,8 @@ def log_mean_exp(values: jax.Array) -> jax.Array:
 def sample_scores(model: nn.Module, variables, x: jax.Array, rng: jax.Array,
                   likelihood: likelihood_lib.Likelihood, num_samples: int
                   ) -> dict[str, jax.Array]:
-  """The SAMPLE_SCORES of each image of x (B, ...) from `num_samples` draws of q(z|x).
+  """The `score_names(likelihood)` of each image of x (B, ...) from `num_samples` draws
+  of q(z|x).
 
   eps = jax.random.normal(rng, (L, B, d)); all L·B latents are decoded in one call, so
   memory grows with L·B decoded images. Pure and jit-able (`num_samples` and
@@ -73,7 +87,7 @@ def sample_scores(model: nn.Module, variables, x: jax.Array, rng: jax.Array,
   log_prior_ratio = likelihood_lib.log_standard_normal(z) - log_q_from_eps(eps, logvar)
   kl = likelihood_lib.gaussian_kl(mu, logvar)
   rec = -jnp.mean(log_px_z, axis=0)
-  return {
+  scores = {
       "vae": kl + rec,
       "vae_kl": kl,
       "vae_rec": rec,
@@ -81,3 +95,8 @@ def sample_scores(model: nn.Module, variables, x: jax.Array, rng: jax.Array,
       "iwae_kl": -log_mean_exp(log_prior_ratio),
       "iwae_rec": -log_mean_exp(log_px_z),
   }
+  if likelihood.has_pixel_variance:
+    normalized = jax.vmap(lambda o: likelihood.normalized_error(x, o))(out)  # (L, B, ...)
+    scores["vae_rec_normalized"] = jnp.mean(
+        normalized.reshape(num_samples, x.shape[0], -1), axis=(0, 2))
+  return scores
