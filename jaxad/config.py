@@ -131,6 +131,7 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
       not 1 <= d.bit_depth <= 16:
     raise ConfigError(f"data.bit_depth={d.bit_depth!r} must be an int in 1..16 (8 for "
                       "PNG/JPEG/uint8 images, 16 for 16-bit, 12 for 12-bit CT)")
+  _choice(d.resize, ("bilinear", "nearest"), "data.resize")
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
   if not 0.0 <= d.val_anomaly_fraction < 1.0:

@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   d.normal_classes = ()  # class names or indices seen in training ("*" = all)...
   d.anomalous_classes = ()  # ...or their complement; set exactly one of the two.
   d.image_size = 32  # every side is resized to this (conv VAE: 4·2^k).
+  d.resize = "bilinear"  # bilinear | nearest: nearest keeps every value on the stored
+  # levels, so a discrete decoder's likelihood is the bits of the (resized) image.
   d.depth = 0  # volumes: depth after resizing (0 = same as image_size).
   d.channels = 1  # 1 = grayscale, 3 = RGB (converted if the data differs).
   d.intensity = "fixed"  # fixed: map intensity_range to [-1, 1]; minmax: per image.

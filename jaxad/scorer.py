@@ -103,7 +103,7 @@ def describe(config, family, bg, step: int, ndim: int, with_maps: bool,
   meta = {
       "format": FORMAT, "image_shape": list(shape), "spatial_ndim": ndim,
       "preprocessing": {**{k: data.get(k) for k in PREPROCESSING_KEYS},
-                        "source": data["source"], "resize": "bilinear",
+                        "source": data["source"], "resize": data.get("resize", "bilinear"),
                         "scale": "intensity window → [0, 1] → 2x − 1 = [-1, 1]"},
       "score_names": list(score_names(family, bg)),
       "map_names": list(family.pixel_maps) if with_maps else [],

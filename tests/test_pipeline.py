@@ -355,3 +355,28 @@ def test_batched_reads_equal_per_example_reads(make_config, tmp_path, shape, siz
     assert a.keys() == b.keys() and a["image"].shape[1] == size
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+def test_nearest_resize_keeps_the_stored_levels(make_config, tmp_path, per_example):
+  """data.resize=nearest (for a discrete decoder): 28→32 repeats rows and columns, so
+  every value stays one of the 256 levels, and each output pixel is an input pixel."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+  np.savez(tmp_path / "a.npz", test_images=images, test_labels=np.zeros((5, 1), int))
+  config = _npz_config(make_config, tmp_path / "a.npz",
+                       **{"data.image_size": 32, "data.resize": "nearest"})
+  split = pipeline.load_split(config.data, "test")
+  indices, valid = pipeline.padded_indices(np.arange(5), 8)
+  batch = next(pipeline._numpy_batches(pipeline._dataset(
+      split, config.data, indices, 8, valid=valid, per_example=per_example)))
+  levels = (batch["image"][:5, ..., 0] + 1) / 2 * 255
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+  rows = np.floor((np.arange(32) + 0.5) * 28 / 32).astype(int)  # half-pixel centres
+  np.testing.assert_array_equal(np.round(levels).astype(np.uint8),
+                                images[:, rows][:, :, rows])
+  bilinear = _npz_config(make_config, tmp_path / "a.npz", **{"data.image_size": 32})
+  other = next(pipeline._numpy_batches(pipeline._dataset(
+      pipeline.load_split(bilinear.data, "test"), bilinear.data, indices, 8, valid=valid,
+      per_example=per_example)))["image"][:5, ..., 0]
+  assert np.abs((other + 1) / 2 * 255 - np.round((other + 1) / 2 * 255)).max() > 0.1

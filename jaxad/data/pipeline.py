@@ -310,6 +310,7 @@ class _Preprocess:
     self.shape = output_shape(data, split.source.spatial_ndim)
     self.labels = split.source.labels.astype(np.int32)
     self.anomalous = split.anomalous
+    self.method = data.get("resize", "bilinear")  # nearest keeps the stored levels
 
   @tf.autograph.experimental.do_not_convert
   def _read(self, index):
@@ -332,7 +333,7 @@ class _Preprocess:
     images, masks = tf.numpy_function(self._read_batch, [indices], (tf.float32, tf.float32),
                                       stateful=False)
     images = _resize_batch(tf.ensure_shape(images, spatial + [self.shape[-1]]), self.shape,
-                           "bilinear")
+                           self.method)
     example = {
         "image": tf.ensure_shape(images * 2.0 - 1.0, [None, *self.shape]),
         "label": tf.gather(self.labels, indices),
@@ -350,7 +351,7 @@ class _Preprocess:
     image, mask = tf.numpy_function(self._read, [index], (tf.float32, tf.float32),
                                     stateful=False)
     image = _resize(tf.ensure_shape(image, spatial + [self.shape[-1]]), self.shape,
-                    "bilinear")
+                    self.method)
     example = {
         "image": tf.ensure_shape(image * 2.0 - 1.0, self.shape),
         "label": tf.gather(self.labels, index),
