@@ -182,25 +182,30 @@ class Complexity:
 
   def __init__(self, config, image_shape, family_name: str):
     from jaxad import families
-    from jaxad.scores import complexity
+    from jaxad.scores import complexity, complexity_cache
     self.family = families.build(config, image_shape)
     if not getattr(self.family, "likelihood_scores", ()):
       raise ConfigError(f"--complexity needs likelihood scores, and this {family_name} "
                         "model has none (the vae family has them; the score family with "
                         "eval.prob_flow.enabled): drop --complexity")
-    self.lib, self.bit_depth = complexity, int(config.data.bit_depth)
+    self.bit_depth = int(config.data.bit_depth)
     self.num_dims = int(math.prod(image_shape))
     self.names = complexity.score_names(self.family.likelihood_scores)
-    self.pool = complexity.ComplexityPool(self.bit_depth)
+    self.pool = complexity.ComplexityPool(  # the eval binary's cache: coded once
+        self.bit_depth,
+        cache_dir=complexity_cache.resolve_dir(config.eval.complexity_cache))
 
   def submit(self, images: np.ndarray):
     return self.pool.submit(images)
 
   def scores(self, scores: dict, coded) -> dict:
-    """The corrected scores and code lengths of a batch (`coded`: `submit`'s future)."""
-    bpd = self.family.likelihood_bpd({k: np.asarray(v, np.float64) for k, v in
-                                      scores.items()}, self.num_dims, self.bit_depth)
-    return self.lib.corrected_scores(bpd, coded.result())
+    """The corrected scores and code lengths of a batch (`coded`: `submit`'s future),
+    by the eval binary's own rule (`scoring.likelihood_derived`)."""
+    from jaxad import scoring
+    derived = scoring.likelihood_derived(
+        self.family, {k: np.asarray(v, np.float64) for k, v in scores.items()},
+        self.num_dims, self.bit_depth, lengths=coded.result())
+    return {k: derived[k] for k in self.names}
 
   def close(self) -> None:
     self.pool.close(wait=False)

@@ -86,3 +86,15 @@ def fill_variables(abstract, seed=0):
     return jnp.asarray(rng.normal(size=leaf.shape) / math.sqrt(fan_in), leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def snapshot(folder) -> dict:
+  """{relative path: (bytes, mtime)} of every file under folder: what "left untouched"
+  means in the tests of runs that must not overwrite earlier results."""
+  out = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
+  return out

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import snapshot
 from jaxad import evaluation, files, metrics, scoring, trainer
 from jaxad.grid import data as grid_data
 from jaxad.grid import evaluate as grid_eval
@@ -349,17 +350,6 @@ def test_cli_rejects_unknown_override(trained):
   assert bad.returncode != 0 and "num_smaples" in bad.stderr
 
 
-def _snapshot(folder):
-  """{relative path: (bytes, mtime)} of every file under folder."""
-  out = {}
-  for root, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
-  return out
-
-
 def _nan_scores(monkeypatch, purpose, score_index=None, map_index=None):
   """Makes the pass with `purpose`'s key give NaN `vae` scores to image `score_index`
   and an infinite rec_error map to image `map_index` (a diverged model's scores)."""
@@ -390,7 +380,7 @@ def test_non_finite_scores_write_nothing_and_name_the_images(evaluated, monkeypa
   from jaxad import keys
   workdir, config, _, _ = evaluated
   assert config.seed == 0
-  before = _snapshot(os.path.join(workdir, "eval"))
+  before = snapshot(os.path.join(workdir, "eval"))
   ids = pipeline.load_split(config.data, "test").source.ids
   _nan_scores(monkeypatch, keys.EVAL, score_index=3, map_index=5)
   with pytest.raises(FloatingPointError) as err:
@@ -401,19 +391,19 @@ def test_non_finite_scores_write_nothing_and_name_the_images(evaluated, monkeypa
          f"{ids[5]}): rec_error map, vae, vae_complexity, vae_complexity_png; no result "
          "file was written (the previous ones are kept)") in message
   assert "learning_rate" in message
-  assert _snapshot(os.path.join(workdir, "eval")) == before  # nothing new, nothing changed
+  assert snapshot(os.path.join(workdir, "eval")) == before  # nothing new, nothing changed
   # Non-finite healthy maps (the N-sigma thresholds) stop it before the scoring pass.
   _nan_scores(monkeypatch, keys.HEALTHY, map_index=0)
   with pytest.raises(FloatingPointError, match=r"step 150 in .* gives non-finite rec_error "
                      r"maps on the healthy validation images"):
     evaluation.evaluate(workdir, config=config)
-  assert _snapshot(os.path.join(workdir, "eval")) == before
+  assert snapshot(os.path.join(workdir, "eval")) == before
 
 
 def test_each_split_keeps_its_own_report_and_stale_scratch_is_removed(evaluated):
   workdir, config, _, _ = evaluated
   test_dir, val_dir = (os.path.join(workdir, "eval", s) for s in ("test", "val"))
-  report_before = _snapshot(test_dir)
+  report_before = snapshot(test_dir)
   # Scratch of killed evaluations of this split (old name; a dead process's; this
   # process's, not in use) is removed; a live process's is left alone.
   host = __import__("socket").gethostname()
@@ -434,7 +424,7 @@ def test_each_split_keeps_its_own_report_and_stale_scratch_is_removed(evaluated)
   html = open(os.path.join(val_dir, "report.html")).read()
   assert "val split" in html
   # The test split's report and figures are untouched; metrics.json keeps both splits.
-  assert {k: v for k, v in _snapshot(test_dir).items() if k in report_before} == \
+  assert {k: v for k, v in snapshot(test_dir).items() if k in report_before} == \
       report_before
   assert "test split" in open(os.path.join(test_dir, "report.html")).read()
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
@@ -447,11 +437,11 @@ def test_each_input_run_gets_a_new_folder(trained, tmp_path):
   path = tmp_path / "mine.npz"
   np.savez(path, images=images)
   first = evaluation.evaluate(workdir, config=config, input_path=str(path))
-  kept = _snapshot(os.path.join(workdir, first["folder"]))
+  kept = snapshot(os.path.join(workdir, first["folder"]))
   second = evaluation.evaluate(workdir, config=config, input_path=str(path))
   assert (first["folder"], second["folder"]) == (os.path.join("eval", "input", "mine"),
                                                  os.path.join("eval", "input", "mine-2"))
-  assert _snapshot(os.path.join(workdir, first["folder"])) == kept  # not overwritten
+  assert snapshot(os.path.join(workdir, first["folder"])) == kept  # not overwritten
   for result in (first, second):
     folder = os.path.join(workdir, result["folder"])
     # maps saved by default: small, and what an --input run computes them for

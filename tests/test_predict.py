@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import snapshot
 from jaxad import cli, files, overlays, predict, scorer, trainer
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError
@@ -28,16 +29,6 @@ SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2",
 def _rows(path):
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
-
-
-def _snapshot(folder):
-  out = {}
-  for root, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
-  return out
 
 
 class _Lines(logging.Handler):
@@ -173,12 +164,12 @@ def test_summary_lists_the_top_k_in_descending_score_order(predicted):
 def test_a_second_run_makes_a_new_folder_and_out_must_be_new(predicted, trained):
   workdir, _, folder = trained
   first, images = predicted[0]["folder"], predicted[2]
-  before = _snapshot(first)
+  before = snapshot(first)
   runs = len(os.listdir(os.path.join(workdir, "predict")))  # scans, scans-2, ...
   again = predict.predict(folder, workdir=workdir, maps="none", score="vae",
                           complexity=True, top_k=2, batch_size=8, progress=False)
   assert os.path.basename(again["folder"]) == f"scans-{runs + 1}"
-  assert _snapshot(first) == before
+  assert snapshot(first) == before
   rows = _rows(os.path.join(again["folder"], "predictions.csv"))
   assert {r["pred_label"] for r in rows} == {"1"}  # vae's quantile threshold is 0
   assert again["threshold"]["rule"] == "quantile" and again["complexity"]
@@ -200,7 +191,7 @@ def test_a_second_run_makes_a_new_folder_and_out_must_be_new(predicted, trained)
     predict.predict(folder, workdir=workdir, score="nope")
   with pytest.raises(ConfigError, match="complexity score: add --complexity"):
     predict.predict(folder, workdir=workdir, score="vae_complexity")
-  assert _snapshot(first) == before
+  assert snapshot(first) == before
 
 
 def test_an_exported_scorer_predicts_like_its_workdir(predicted, trained, tmp_path):
